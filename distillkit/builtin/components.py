@@ -1,0 +1,122 @@
+"""Generic built-in components: MLP encoder, multi-task student, aggregation policies, teacher sources."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import AggregationPolicy, Encoder, Params, Student, Task, Teacher
+
+
+class MLPParams(Params):
+    kind: str = "mlp"
+    #: size of one flattened input row
+    in_features: int = Field(8, ge=1)
+    hidden: int = Field(64, ge=1)
+    depth: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class MLPEncoder(Encoder):
+    """A multilayer perceptron over flattened inputs (tabular data, tests)."""
+
+    Params = MLPParams
+
+    def __init__(self, params: MLPParams):
+        super().__init__()
+        self.params = params
+        layers: list[nn.Module] = []
+        width = params.in_features
+        for _ in range(params.depth):
+            layers += [nn.Linear(width, params.hidden), nn.ReLU(inplace=True), nn.Dropout(params.dropout)]
+            width = params.hidden
+        self.net = nn.Sequential(*layers)
+        self.out_features = params.hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1).float())
+
+
+class MultiTaskParams(Params):
+    kind: str = "multitask"
+    #: the shared encoder (kind: mlp, resnet18, ...)
+    encoder: Any = Field(default_factory=lambda: {"kind": "mlp"})
+
+
+class MultiTaskStudent(Student):
+    """Hard parameter sharing: one encoder, one head per task (the paper's MTL model)."""
+
+    Params = MultiTaskParams
+    nested = {"encoder": "encoder"}
+
+    @classmethod
+    def build(cls, params: MultiTaskParams, tasks: Mapping[str, Task], registries: Any) -> "MultiTaskStudent":
+        encoder_cls = registries.encoder.get(params.encoder.kind)
+        return cls(encoder_cls(params.encoder), tasks)
+
+
+class MeanParams(Params):
+    kind: str = "mean"
+
+
+class MeanPolicy(AggregationPolicy):
+    """Equal weights: distilling to the mean of the teachers' tempered distributions is, in
+    gradient, distilling from each teacher and summing the KL terms (up to the factor K)."""
+
+    Params = MeanParams
+
+    def weights(self, task: str, teachers: Sequence[Teacher]) -> list[float]:
+        return [1.0 / len(teachers)] * len(teachers)
+
+
+class ValScoreParams(Params):
+    kind: str = "val_score"
+    #: weights proportional to score ** power (score: the teacher's validation primary metric)
+    power: float = Field(1.0, ge=0)
+    #: floor so that a teacher with score 0 keeps a little weight
+    floor: float = Field(1e-3, ge=0)
+
+
+class ValScorePolicy(AggregationPolicy):
+    """Weights each teacher by its validation score on the task (better teachers count more)."""
+
+    Params = ValScoreParams
+
+    def weights(self, task: str, teachers: Sequence[Teacher]) -> list[float]:
+        raw = []
+        for t in teachers:
+            s = t.scores.get(task, math.nan)
+            s = 0.0 if s is None or math.isnan(s) else max(float(s), 0.0)
+            raw.append(max(s, self.params.floor) ** self.params.power)
+        total = sum(raw)
+        return [w / total for w in raw]
+
+
+class CheckpointTeacherParams(Params):
+    kind: str = "checkpoint"
+    path: str
+    name: str | None = None
+
+
+class CheckpointTeacher:
+    """A teacher loaded from a distillkit model file (safetensors) outside the run."""
+
+    Params = CheckpointTeacherParams
+
+    def __init__(self, params: CheckpointTeacherParams):
+        self.params = params
+
+    def load(self, registries: Any, device: torch.device, base_dir: Path) -> Teacher:
+        from distillkit.models import as_teacher, load_model
+
+        path = Path(self.params.path)
+        if not path.is_absolute():
+            path = base_dir / path
+        loaded = load_model(path, registries, device, where=f"teacher {self.params.path}")
+        return as_teacher(loaded, self.params.name or path.stem)

@@ -1,0 +1,83 @@
+"""The ``distillkit`` command line: a thin click group, one module per command.
+
+Heavy imports (torch) happen inside command bodies so that ``distillkit --help`` is instant.
+A user mistake (:class:`distillkit.errors.DistillkitError`) prints one paragraph and exits
+with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from distillkit import __version__
+from distillkit.errors import DistillkitError
+
+EXIT_USER_ERROR = 2
+
+
+class DistillkitGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DistillkitError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            click.echo(f"error: {exc.render()}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to resume.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=DistillkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="distillkit")
+@click.option("--debug", is_flag=True, envvar="DISTILLKIT_DEBUG", help="Show tracebacks for user errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """distillkit: multi-task, multi-teacher knowledge distillation.
+
+    \b
+    distillkit validate CONFIG    check a config and print the plan
+    distillkit run CONFIG         run every stage (resumes an interrupted run)
+    distillkit plugins            list plugins and their components
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _add_builtin_commands() -> None:
+    from distillkit.cli import plugins_cmd, run, validate
+
+    cli.add_command(run.run)
+    cli.add_command(validate.validate)
+    cli.add_command(plugins_cmd.plugins)
+
+
+def _add_plugin_commands() -> None:
+    from distillkit.plugins import get_plugin_manager
+
+    try:
+        manager = get_plugin_manager()
+        for message in manager.failed.values():
+            click.echo(f"warning: {message}", err=True)
+        manager.add_commands(cli)
+    except DistillkitError as exc:
+        # A broken plugin must not take the whole CLI down; its commands are missing.
+        if os.environ.get("DISTILLKIT_DEBUG"):
+            raise
+        click.echo(f"warning: {exc.render()}", err=True)
+
+
+_add_builtin_commands()
+
+
+def main() -> None:
+    _add_plugin_commands()
+    cli(prog_name="distillkit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

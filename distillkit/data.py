@@ -1,0 +1,221 @@
+"""Datasets in memory, patient-level splits, and batches.
+
+Every dataset source (synthetic generator, manifest reader, importer) produces one
+:class:`Dataset`: a tensor of inputs (images stay ``uint8``; the encoder scales them), raw
+string labels per field, and a group id per item (the patient) so that splits never cut a
+patient in two. Epochs index that tensor directly: no decoding, no per-item Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import Params, Task
+
+Tensor = torch.Tensor
+SPLITS = ("train", "val", "test", "unlabeled")
+
+
+@dataclass
+class Dataset:
+    """All items of a source. ``pool[i]`` marks items that are unlabeled by nature."""
+
+    inputs: Tensor
+    labels: dict[str, list[str | None]]
+    groups: list[str]
+    ids: list[str]
+    pool: np.ndarray
+    source: str = "dataset"
+
+    def __post_init__(self) -> None:
+        n = len(self.inputs)
+        for name, values in self.labels.items():
+            if len(values) != n:
+                raise ValueError(f"label field {name!r} has {len(values)} values for {n} inputs")
+        if len(self.groups) != n or len(self.ids) != n or len(self.pool) != n:
+            raise ValueError("groups, ids and pool must have one entry per input")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class DataContext:
+    """What a dataset source may need besides its params."""
+
+    cache_dir: Path
+    base_dir: Path  # relative paths in a config resolve against the config file's folder
+    where: str = "data"  # the config path, for error messages
+
+
+class DatasetSource(ABC):
+    """A registered way to obtain a :class:`Dataset` (the ``data:`` section of a config)."""
+
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, params: Params, context: DataContext):
+        self.params = params
+        self.context = context
+
+    @abstractmethod
+    def load(self) -> Dataset: ...
+
+    def fingerprint(self) -> str:
+        """Identifies the data for stage hashes and caches; override to include file contents."""
+        return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()[:16]
+
+
+class SplitParams(Params):
+    """Patient-level split of the labeled items; the rest forms the unlabeled pool."""
+
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    #: p: the fraction of the labeled data used for training (the paper's 0.15 ... 0.70)
+    train_fraction: float = Field(0.70, gt=0, le=1)
+    seed: int = 0
+    #: labeled items left out of training (when p < 1 - val - test) join the unlabeled pool, labels dropped
+    unused_to_unlabeled: bool = True
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SplitParams":
+        if self.val + self.test + self.train_fraction > 1 + 1e-9:
+            raise ValueError(
+                f"val + test + train_fraction = {self.val + self.test + self.train_fraction:.2f} exceeds 1"
+            )
+        return self
+
+
+def split_indices(dataset: Dataset, params: SplitParams) -> dict[str, np.ndarray]:
+    """Indices of train / val / test / unlabeled, disjoint by group.
+
+    Groups are shuffled once by ``params.seed``; test, then val take groups in that order
+    until they reach their fraction of the labeled items; training takes a prefix of the
+    remaining order. Hence a smaller ``train_fraction`` gives a subset of a larger one
+    (nested), and val/test do not depend on ``train_fraction`` at all.
+    """
+    labeled = np.flatnonzero(~dataset.pool)
+    if len(labeled) == 0:
+        raise DistillkitError("the dataset has no labeled items.", where=dataset.source)
+    groups: dict[str, list[int]] = {}
+    for i in labeled:
+        groups.setdefault(dataset.groups[i] or f"\0item{i}", []).append(int(i))
+    names = sorted(groups)
+    order = np.random.default_rng(params.seed).permutation(len(names))
+    n = len(labeled)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    quota = {"test": params.test * n, "val": params.val * n, "train": params.train_fraction * n}
+    target = "test"
+    for g in order:
+        items = groups[names[g]]
+        while target != "rest" and len(out[target]) >= quota[target] - 1e-9:
+            target = {"test": "val", "val": "train", "train": "rest"}[target]
+        if target == "rest":
+            if params.unused_to_unlabeled:
+                out["unlabeled"].extend(items)
+            continue
+        out[target].extend(items)
+    out["unlabeled"].extend(int(i) for i in np.flatnonzero(dataset.pool))
+    for name in ("train", "val", "test"):
+        if not out[name]:
+            raise DistillkitError(
+                f"the {name} split is empty ({n} labeled items in {len(names)} patients/groups).",
+                where=dataset.source, hint="Use more data or larger split fractions.",
+            )
+    return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items()}
+
+
+@dataclass
+class SplitData:
+    """One split: its inputs and, for labeled splits, each task's encoded targets."""
+
+    name: str
+    indices: np.ndarray  # into the Dataset
+    inputs: Tensor
+    targets: dict[str, dict[str, Tensor]] | None = None
+    raw_labels: dict[str, list[str | None]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def prepare_splits(dataset: Dataset, params: SplitParams, tasks: Mapping[str, Task]) -> dict[str, SplitData]:
+    """Split, fit every task on the training labels only, and encode every labeled split.
+
+    The unlabeled split never carries targets: a stage that trains on it cannot read a label.
+    """
+    for name, task in tasks.items():
+        if task.field not in dataset.labels:
+            fields = ", ".join(sorted(dataset.labels)) or "none"
+            raise DistillkitError(
+                f"task '{name}' reads label field '{task.field}', which {dataset.source} does not have "
+                f"(fields: {fields}).", where=f"tasks.{name}.field",
+            )
+    idx = split_indices(dataset, params)
+    for name, task in tasks.items():
+        train_labels = [dataset.labels[task.field][i] for i in idx["train"]]
+        if all(v is None for v in train_labels):
+            raise DistillkitError(f"no training item has a label for task '{name}' (field '{task.field}').",
+                                  where=dataset.source)
+        task.fit(train_labels)
+    splits = {}
+    for split in SPLITS:
+        rows = idx[split]
+        inputs = dataset.inputs[torch.from_numpy(rows)] if len(rows) else dataset.inputs[:0]
+        data = SplitData(split, rows, inputs.contiguous())
+        if split != "unlabeled":
+            data.raw_labels = {t.field: [dataset.labels[t.field][i] for i in rows] for t in tasks.values()}
+            data.targets = {
+                name: task.encode(data.raw_labels[task.field], where=f"{dataset.source} ({split} split)")
+                for name, task in tasks.items()
+            }
+        splits[split] = data
+    return splits
+
+
+@dataclass
+class Batch:
+    index: Tensor  # positions within the split (keys for the teacher-output cache)
+    inputs: Tensor
+    targets: dict[str, dict[str, Tensor]] | None
+
+
+def iterate_batches(split: SplitData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                    epoch: int = 0, device: torch.device | str = "cpu", tasks: Sequence[str] | None = None,
+                    drop_last: bool = False) -> Iterator[Batch]:
+    """Batches of a split, moved to ``device``.
+
+    The order depends only on ``(seed, epoch)``, so an interrupted epoch replays identically.
+    """
+    n = len(split)
+    if shuffle:
+        gen = torch.Generator().manual_seed(hash_seed(seed, epoch))
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    non_blocking = torch.device(device).type == "cuda"
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        inputs = split.inputs[idx].to(device, non_blocking=non_blocking)
+        targets = None
+        if split.targets is not None:
+            names = tasks if tasks is not None else list(split.targets)
+            targets = {t: {k: v[idx].to(device, non_blocking=non_blocking) for k, v in split.targets[t].items()}
+                       for t in names}
+        yield Batch(idx, inputs, targets)
+
+
+def hash_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from several values, stable across processes and machines."""
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,105 @@
+"""Hook specifications: everything a distillkit plugin can provide.
+
+A plugin is a module (or object) with functions named like these hooks and decorated
+with :data:`distillkit.hookimpl`. It is found through the ``distillkit`` entry-point group
+(``[project.entry-points.distillkit]`` in its ``pyproject.toml``). Built-in components are
+registered through the same hooks.
+
+Each ``register_*`` hook receives a ``register(name, component)`` callback. ``component`` is
+a class (or factory) with a nested pydantic model ``Params``: a config selects it with
+``kind: name`` and the other keys are validated against ``Params``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("distillkit")
+
+
+@hookspec
+def register_tasks(register):
+    """Register :class:`distillkit.Task` subclasses (a prediction problem: head, losses, metrics).
+
+    :param register: ``register(name, task_class)``.
+
+    Called once when the plugin manager loads, before any config is validated.
+    """
+
+
+@hookspec
+def register_encoders(register):
+    """Register encoders: ``nn.Module`` factories mapping an input batch to a feature vector.
+
+    :param register: ``register(name, encoder_class)``; the class takes its ``Params`` instance
+        and exposes ``out_features``.
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset sources: classes whose ``load(params, context)`` returns a
+    :class:`distillkit.data.Dataset` (inputs, per-task raw labels, patient/group ids).
+
+    :param register: ``register(name, dataset_class)``.
+    """
+
+
+@hookspec
+def register_aggregations(register):
+    """Register multi-teacher aggregation policies (:class:`distillkit.AggregationPolicy`)
+    that decide, per task, how the outputs of the teachers that learned it are combined.
+
+    :param register: ``register(name, policy_class)``.
+    """
+
+
+@hookspec
+def register_students(register):
+    """Register student architectures (:class:`distillkit.Student` subclasses).
+
+    :param register: ``register(name, student_class)``.
+    """
+
+
+@hookspec
+def register_teachers(register):
+    """Register teacher sources (where a teacher's weights come from).
+
+    :param register: ``register(name, teacher_source_class)``.
+    """
+
+
+@hookspec
+def register_losses(register):
+    """Register training objectives (:class:`distillkit.Loss` subclasses) that combine
+    per-task hard-label and soft-label terms.
+
+    :param register: ``register(name, loss_class)``.
+    """
+
+
+@hookspec
+def register_metrics(register):
+    """Register metric functions usable by tasks and reports.
+
+    :param register: ``register(name, metric_callable)``.
+    """
+
+
+@hookspec
+def register_stages(register):
+    """Register stage kinds (train, distill, ensemble, evaluate are built in).
+
+    :param register: ``register(name, stage_class)``.
+    """
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the ``distillkit`` command line.
+
+    :param cli: the root :class:`click.Group`; call ``cli.add_command(...)``.
+
+    Called when the CLI starts, after plugins are loaded.
+    """

@@ -1,0 +1,213 @@
+"""The interfaces every component implements: Task, Student, Teacher, Loss, AggregationPolicy.
+
+Vocabulary used throughout:
+
+* **features**: what a student's shared encoder produces for a batch, ``(B, D)``.
+* **target**: a task's encoded labels for a batch, a dict of tensors that always holds
+  ``"present"`` (``(B,)`` bool: the row has a label for this task).
+* **soft target**: a task's aggregated teacher output for a batch at temperature ``tau``, a
+  dict of tensors that always holds ``"probs"`` (a distribution over the last axis). It may
+  hold more, e.g. the token prefix a sequence task decoded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class Params(BaseModel):
+    """Base for every component's parameters: strict, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricAccumulator(ABC):
+    """Accumulates predictions over a whole split; ``compute`` is called once at the end.
+
+    Accumulate on the device (no ``.item()`` per batch) so evaluation does not synchronise.
+    """
+
+    @abstractmethod
+    def update(self, prediction: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> None: ...
+
+    @abstractmethod
+    def compute(self) -> dict[str, Any]:
+        """Scalar metrics (floats) plus optional structured ones (lists, e.g. a confusion matrix)."""
+
+
+class Task(ABC):
+    """A prediction problem learned on top of shared features.
+
+    A task reads one label field of a dataset, learns its class list or vocabulary from the
+    training split (:meth:`fit`), encodes labels into tensors, builds its head, and defines
+    its supervised loss, its distillation loss and its metrics.
+    """
+
+    Params: ClassVar[type[Params]]
+    #: the metric (a key of :meth:`MetricAccumulator.compute`) used to rank models and teachers
+    primary_metric: ClassVar[str] = "accuracy"
+
+    def __init__(self, name: str, params: Params):
+        self.name = name
+        self.params = params
+
+    @property
+    def field(self) -> str:
+        """The dataset label field this task reads (defaults to the task's name)."""
+        return getattr(self.params, "field", None) or self.name
+
+    @property
+    def weight(self) -> float:
+        """lambda_t: the task's weight in the summed loss."""
+        return float(getattr(self.params, "weight", 1.0))
+
+    # -- labels ---------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, labels: Sequence[str | None]) -> None:
+        """Learn the class list / vocabulary from the training split's raw labels."""
+
+    @abstractmethod
+    def encode(self, labels: Sequence[str | None], where: str = "") -> dict[str, Tensor]:
+        """Encode raw labels (``None`` = missing) into target tensors with a ``"present"`` mask."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state learned by :meth:`fit` (travels with checkpoints)."""
+
+    @abstractmethod
+    def load_state(self, state: Mapping[str, Any]) -> None: ...
+
+    # -- model ----------------------------------------------------------------------------
+    @abstractmethod
+    def build_head(self, in_features: int) -> nn.Module: ...
+
+    @abstractmethod
+    def forward(self, head: nn.Module, features: Tensor, guide: Mapping[str, Tensor] | None = None,
+                train: bool = False) -> Tensor:
+        """Logits for a batch. ``guide`` is what conditions a sequence task's decoder (the
+        target or soft target holding a token prefix); classification ignores it."""
+
+    @abstractmethod
+    def predict(self, head: nn.Module, features: Tensor) -> dict[str, Tensor]:
+        """Inference-time predictions (e.g. probabilities, decoded tokens)."""
+
+    # -- losses ---------------------------------------------------------------------------
+    @abstractmethod
+    def hard_loss(self, logits: Tensor, target: Mapping[str, Tensor]) -> Tensor:
+        """Per-row cross-entropy to the labels, ``(B,)``; rows without a label give 0."""
+
+    @abstractmethod
+    def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
+        """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2."""
+
+    @abstractmethod
+    def soft_target(self, heads: Sequence[nn.Module], features: Sequence[Tensor], weights: Sequence[float],
+                    target: Mapping[str, Tensor] | None, tau: float) -> dict[str, Tensor]:
+        """Aggregate several teachers' tempered outputs into one soft target per row.
+
+        ``weights`` (summing to 1) come from the aggregation policy; ``target`` is the
+        batch's labels when available (a sequence task teacher-forces on them) or ``None``.
+        """
+
+    def guide_from_soft(self, soft: Mapping[str, Tensor], target: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
+        """What the student is conditioned on when distilling (a sequence task: the teacher's prefix)."""
+        return target
+
+    # -- evaluation -----------------------------------------------------------------------
+    @abstractmethod
+    def metrics(self) -> MetricAccumulator: ...
+
+    def describe(self) -> str:
+        """One line for plans and tables, e.g. ``classification over 5 classes``."""
+        return type(self).__name__
+
+
+class Encoder(nn.Module):
+    """Maps an input batch (as stored by the dataset: e.g. uint8 images) to ``(B, out_features)``."""
+
+    Params: ClassVar[type[Params]]
+    out_features: int
+
+
+class Student(nn.Module):
+    """A shared encoder with one head per task, for any subset of tasks."""
+
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, encoder: Encoder, tasks: Mapping[str, Task]):
+        super().__init__()
+        self.encoder = encoder
+        self.task_names = tuple(tasks)
+        self.heads = nn.ModuleDict({name: task.build_head(encoder.out_features) for name, task in tasks.items()})
+
+    def features(self, inputs: Tensor) -> Tensor:
+        return self.encoder(inputs)
+
+
+@dataclass
+class Teacher:
+    """A trained, frozen model and the tasks it learned.
+
+    Its outputs come online (:meth:`features` under ``no_grad``) or from the
+    teacher-output cache. ``scores`` holds its validation score per task, for policies that
+    weight teachers by quality.
+    """
+
+    name: str
+    model: Student
+    tasks: frozenset[str]
+    scores: dict[str, float] = field(default_factory=dict)
+    checksum: str = ""
+
+    def __post_init__(self) -> None:
+        # Eval mode fixes BatchNorm statistics and dropout; no parameter ever gets a gradient.
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    # no_grad rather than inference_mode: soft targets are saved for the student's backward
+    # pass, which inference tensors cannot be.
+    @torch.no_grad()
+    def features(self, inputs: Tensor) -> Tensor:
+        if self.model.training:  # somebody called .train() on the student that shares it
+            self.model.eval()
+        return self.model.features(inputs)
+
+
+class AggregationPolicy(ABC):
+    """Decides how the teachers that learned a task are weighted for that task.
+
+    Routing is done by the core: a policy only ever sees teachers that learned ``task``.
+    """
+
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    @abstractmethod
+    def weights(self, task: str, teachers: Sequence[Teacher]) -> list[float]:
+        """Non-negative weights summing to 1, one per teacher."""
+
+
+class Loss(ABC):
+    """Combines per-task hard-label and soft-label terms into the training objective."""
+
+    Params: ClassVar[type[Params]]
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    @abstractmethod
+    def __call__(self, tasks: Mapping[str, Task], logits: Mapping[str, Tensor],
+                 targets: Mapping[str, Mapping[str, Tensor]] | None,
+                 soft: Mapping[str, Mapping[str, Tensor]] | None,
+                 alpha: float, tau: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scalar loss and its per-task parts (device tensors, not floats)."""

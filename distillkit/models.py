@@ -1,0 +1,88 @@
+"""Building students and loading trained models from their checkpoints alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from distillkit.checkpoint import file_checksum, load_model_state
+from distillkit.config import dump
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import Student, Task, Teacher
+from distillkit.registry import Registries
+
+
+def build_student(student_params: Any, tasks: Mapping[str, Task], registries: Registries) -> Student:
+    cls = registries.student.get(student_params.kind)
+    return cls.build(student_params, dict(tasks), registries)
+
+
+def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str) -> dict[str, Any]:
+    """What a model file must carry to be usable alone (predict, eval, as a teacher)."""
+    return {
+        "stage": stage,
+        "student": dump(student_params),
+        "tasks": {name: {"params": dump(task.params), "state": task.state()} for name, task in tasks.items()},
+    }
+
+
+@dataclass
+class LoadedModel:
+    model: Student
+    tasks: dict[str, Task]
+    meta: dict[str, Any]
+    checksum: str
+
+
+def load_model(path: str | Path, registries: Registries, device: torch.device | str = "cpu",
+               where: str | None = None) -> LoadedModel:
+    """Rebuild a student (tasks, class lists, vocabulary, encoder) from a model file."""
+    state, meta = load_model_state(path, where)
+    try:
+        tasks: dict[str, Task] = {}
+        for name, spec in meta["tasks"].items():
+            cls = registries.task.get(spec["params"]["kind"], where=where or str(path))
+            task = cls(name, cls.Params.model_validate(spec["params"]))
+            task.load_state(spec["state"])
+            tasks[name] = task
+        student_cls = registries.student.get(meta["student"]["kind"], where=where or str(path))
+        student_params = student_cls.Params.model_validate(meta["student"])
+        encoder_cls = registries.encoder.get(student_params.encoder["kind"] if isinstance(student_params.encoder, dict)
+                                             else student_params.encoder.kind)
+        if isinstance(student_params.encoder, dict):
+            student_params = student_params.model_copy(
+                update={"encoder": encoder_cls.Params.model_validate(student_params.encoder)})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DistillkitError(f"{path} was not written by this version of distillkit or its plugins ({exc}).",
+                              where=where) from None
+    model = build_student(student_params, tasks, registries)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DistillkitError(f"{path} does not match the model it describes (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}).", where=where)
+    model.to(device).eval()
+    return LoadedModel(model, tasks, meta, file_checksum(path))
+
+
+def init_from(model: Student, path: str | Path, where: str) -> None:
+    """Initialise ``model`` from a model file: the encoder must match; heads of shared tasks are copied."""
+    state, meta = load_model_state(path, where)
+    own = model.state_dict()
+    copied = {}
+    for key, value in state.items():
+        if key in own and own[key].shape == value.shape:
+            copied[key] = value
+        elif key.startswith("encoder."):
+            raise DistillkitError(f"cannot initialise from {path}: its encoder differs ({key}).", where=where)
+    encoder_keys = [k for k in own if k.startswith("encoder.")]
+    if not all(k in copied for k in encoder_keys):
+        raise DistillkitError(f"cannot initialise from {path}: its encoder differs.", where=where)
+    model.load_state_dict(copied, strict=False)
+
+
+def as_teacher(loaded: LoadedModel, name: str, scores: Mapping[str, float] | None = None) -> Teacher:
+    return Teacher(name=name, model=loaded.model, tasks=frozenset(loaded.tasks), scores=dict(scores or {}),
+                   checksum=loaded.checksum)

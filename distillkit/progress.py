@@ -1,0 +1,86 @@
+"""Progress reporting: rich bars on a terminal, plain lines otherwise, as small callbacks."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class Reporter:
+    """Run-level messages plus per-stage epoch/step callbacks (see :class:`distillkit.training.Callbacks`)."""
+
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.interactive = self.console.is_terminal and not quiet
+        self._progress: Progress | None = None
+
+    # run level -----------------------------------------------------------------------------
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def stage_start(self, index: int, total: int, name: str, description: str) -> None:
+        self.message(f"[bold]stage {index}/{total} {name}[/bold]: {description}")
+        if self.interactive:
+            self._progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[info]}"), console=self.console, transient=True)
+            self._progress.start()
+
+    def stage_end(self, name: str, seconds: float) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self.message(f"  {name} done in {seconds:.1f}s")
+
+    def stage_skipped(self, name: str) -> None:
+        self.message(f"stage {name}: already finished with the same config and inputs, skipped")
+
+    def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console(file=sys.stdout).print(table)
+
+    def callbacks(self, label: str) -> "StageCallbacks":
+        return StageCallbacks(self, label)
+
+
+class StageCallbacks:
+    def __init__(self, reporter: Reporter, label: str):
+        self.reporter = reporter
+        self.label = label
+        self._task = None
+        self._start = time.perf_counter()
+
+    def on_epoch_start(self, epoch: int, total_epochs: int, steps: int) -> None:
+        self._start = time.perf_counter()
+        progress = self.reporter._progress
+        if progress is not None:
+            if self._task is not None:
+                progress.remove_task(self._task)
+            what = f"{self.label} epoch {epoch + 1}/{total_epochs}" if total_epochs > 1 else self.label
+            self._task = progress.add_task(what, total=steps, info="")
+
+    def on_step(self) -> None:
+        if self.reporter._progress is not None and self._task is not None:
+            self.reporter._progress.advance(self._task)
+
+    def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None:
+        val = record.get("val", {})
+        parts = [f"loss {record['train_loss']:.4f}"]
+        for key, value in val.items():
+            if isinstance(value, dict):
+                parts += [f"{key} {k} {v:.3f}" for k, v in value.items() if k != "n"]
+            else:
+                parts.append(f"val {key} {value:.4f}")
+        self.reporter.message(f"  {self.label} epoch {epoch + 1}: {', '.join(parts)} "
+                              f"({time.perf_counter() - self._start:.1f}s)")

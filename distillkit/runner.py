@@ -1,0 +1,294 @@
+"""Plans a run's stages and executes them into a run directory.
+
+Layout of a run directory::
+
+    config.yaml          the resolved config (every default filled in)
+    plan.json            stages in order with their keys
+    stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
+    stages/.work/<name>-<key>/   a stage in progress (resumed from here after a crash)
+    cache/teacher_outputs/<key>/ cached soft targets
+    metrics.json         every finished stage's metrics per split
+    summary.json         the final comparison table (evaluate stages)
+
+A stage's key hashes its config, the data, the split, the student, its tasks and the keys of
+the stages it depends on. A stage whose folder holds the same key is skipped; a stage in
+progress resumes from its last checkpoint; a finished stage is moved into place only when it
+is complete, so a failed run never overwrites the results of an earlier good one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from distillkit.config import RunConfig, dump
+from distillkit.data import DataContext, prepare_splits
+from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.evaluation import summary_rows
+from distillkit.io import atomic_write_text, read_json, write_json
+from distillkit.progress import Reporter
+from distillkit.registry import Registries
+from distillkit.stages import Stage, StageContext, StageResult
+
+STAGE_FORMAT = "distillkit.stage/1"
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    stage: Stage
+    deps: list[str]
+    key: str
+    description: str
+
+
+def build_stages(config: RunConfig, registries: Registries) -> dict[str, Stage]:
+    return {name: registries.stage.get(p.kind)(name, p) for name, p in config.stages.items()}
+
+
+def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") -> list[PlannedStage]:
+    """Order the stages by their dependencies and check every reference between them."""
+    stages = build_stages(config, registries)
+    all_tasks = list(config.tasks)
+    problems: list[str] = []
+    for name, stage in stages.items():
+        for dep in stage.dependencies():
+            if dep not in stages:
+                problems.append(f"stages.{name}: refers to stage '{dep}', which does not exist."
+                                f"{did_you_mean(dep, stages)} Stages: {', '.join(stages)}.")
+            elif dep == name:
+                problems.append(f"stages.{name}: depends on itself.")
+        for task in getattr(stage.params, "tasks", None) or []:
+            if task not in config.tasks:
+                problems.append(f"stages.{name}.tasks: unknown task '{task}'.{did_you_mean(task, all_tasks)} "
+                                f"Tasks: {', '.join(all_tasks)}.")
+        for subset in getattr(stage, "subsets", lambda _: [])(all_tasks) if not problems else []:
+            for task in subset:
+                if task not in config.tasks:
+                    problems.append(f"stages.{name}.subsets: unknown task '{task}'.")
+        group_by = getattr(stage.params, "group_by", None)
+        if group_by and group_by not in config.tasks:
+            problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")
+    if problems:
+        raise DistillkitError("invalid stages:\n" + "\n".join(f"  - {p}" for p in problems), where=config.file)
+
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join(chain[chain.index(name):] + [name])
+            raise DistillkitError(f"the stages depend on each other in a cycle: {cycle}.", where=f"{config.file}: stages")
+        state[name] = 1
+        for dep in stages[name].dependencies():
+            visit(dep, chain + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in stages:
+        visit(name, [])
+
+    # Routing: a distillation stage needs, for each of its tasks, a teacher that learned it.
+    for name, stage in stages.items():
+        teachers = getattr(stage.params, "teachers", None)
+        if getattr(stage.params, "extra_teachers", None):
+            continue  # external teachers' tasks are known only once loaded (checked then)
+        if teachers is not None and not teachers:
+            raise DistillkitError(f"stage '{name}' needs at least one teacher.", where=f"{config.file}: stages.{name}.teachers")
+        if not teachers:
+            continue
+        learned = set().union(*[s for t in teachers for s in stages[t].model_task_sets(all_tasks)])
+        missing = [t for t in stage.task_names(all_tasks) if t not in learned]
+        if missing:
+            raise DistillkitError(f"no teacher of stage '{name}' learned task(s) {', '.join(missing)} "
+                                  f"(teachers: {', '.join(teachers)}).", where=f"{config.file}: stages.{name}.teachers")
+        init = getattr(stage.params, "init", None)
+        if init and not stages[init].model_task_sets(all_tasks):
+            raise DistillkitError(f"stage '{init}' produces no model to initialise from.",
+                                  where=f"{config.file}: stages.{name}.init")
+
+    resolved = config.resolved()
+    common = {"data": resolved["data"], "fingerprint": data_fingerprint, "split": resolved["split"],
+              "student": resolved["student"], "seed": config.seed}
+    keys: dict[str, str] = {}
+    planned = []
+    for name in order:
+        stage = stages[name]
+        tasks = stage.task_names(all_tasks)
+        desc = {"stage": resolved["stages"][name], "tasks": {t: resolved["tasks"][t] for t in all_tasks},
+                "deps": [keys[d] for d in stage.dependencies()], **common}
+        keys[name] = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        planned.append(PlannedStage(name, stage, stage.dependencies(), keys[name], stage.describe(all_tasks)))
+    return planned
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DistillkitError(f"device '{name}' was requested but CUDA is not available.", where="device")
+    return device
+
+
+class RunLock:
+    """An exclusive lock on a run directory; the OS drops it when the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fh = None
+
+    def __enter__(self) -> "RunLock":
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise DistillkitError(f"another distillkit run ({holder}) is writing to this directory; "
+                                  "wait for it to finish or choose another --out.", where=str(self.path.parent)) from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+class Runner(StageContext):
+    def __init__(self, config: RunConfig, registries: Registries, run_dir: Path, reporter: Reporter | None = None):
+        self.config = config
+        self.registries = registries
+        self.run_dir = Path(run_dir)
+        self.reporter = reporter or Reporter(quiet=True)
+        self._results: dict[str, StageResult] = {}
+
+    # StageContext ---------------------------------------------------------------------------
+    def result(self, stage: str) -> StageResult:
+        return self._results[stage]
+
+    def callbacks(self, label: str):
+        return self.reporter.callbacks(label)
+
+    # -------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        config = self.config
+        cache_dir = Path(config.cache_dir or os.environ.get("DISTILLKIT_CACHE", Path.home() / ".cache" / "distillkit"))
+        if not cache_dir.is_absolute():
+            cache_dir = config.base_dir / cache_dir
+        source_cls = self.registries.dataset.get(config.data.kind)
+        source = source_cls(config.data, DataContext(cache_dir=cache_dir, base_dir=config.base_dir, where="data"))
+        self.data_fingerprint = source.fingerprint()
+        started = time.perf_counter()
+        dataset = source.load()
+        self.tasks = {name: self.registries.task.get(p.kind)(name, p) for name, p in config.tasks.items()}
+        self.splits = prepare_splits(dataset, config.split, self.tasks)
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        self.reporter.message(f"data: {dataset.source}, {len(dataset)} items ({sizes}) "
+                              f"in {time.perf_counter() - started:.1f}s")
+        for name, task in self.tasks.items():
+            self.reporter.message(f"  task {name}: {task.describe()}")
+
+    def run(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise DistillkitError(f"--out {self.run_dir} is a file, not a directory.", where="--out")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DistillkitError(f"cannot create the run directory {self.run_dir}: {exc.strerror}.", where="--out") from None
+        with RunLock(self.run_dir):
+            return self._run(only)
+
+    def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
+        self.device = resolve_device(self.config.device)
+        self.prepare_data()
+        planned = plan(self.config, self.registries, self.data_fingerprint)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
+        write_json(self.run_dir / "plan.json", [{"name": p.name, "key": p.key, "deps": p.deps,
+                                                 "description": p.description} for p in planned])
+        self.reporter.message(f"device: {self.device}; run directory: {self.run_dir}")
+        stages_dir = self.run_dir / "stages"
+        for i, step in enumerate(planned, 1):
+            final = stages_dir / step.name
+            marker = final / "stage.json"
+            if marker.exists():
+                saved = read_json(marker)
+                if saved.get("key") == step.key and saved.get("status") == "done":
+                    self._results[step.name] = StageResult.from_json(saved["result"])
+                    self.reporter.stage_skipped(step.name)
+                    continue
+            if only is not None and step.name not in only:
+                raise DistillkitError(f"stage '{step.name}' must run before {', '.join(only)}.")
+            work = stages_dir / ".work" / f"{step.name}-{step.key}"
+            work.mkdir(parents=True, exist_ok=True)
+            self.reporter.stage_start(i, len(planned), step.name, step.description)
+            started = time.perf_counter()
+            result = step.stage.run(self, work)
+            result = self._relocate(result, work, final)
+            write_json(final / "stage.json", {"format": STAGE_FORMAT, "key": step.key, "status": "done",
+                                              "seconds": time.perf_counter() - started, "result": result.to_json()})
+            self._results[step.name] = result
+            self._write_metrics(planned)
+            self.reporter.stage_end(step.name, time.perf_counter() - started)
+        summary = self._write_metrics(planned)
+        self._show_summary(planned)
+        return summary
+
+    def _relocate(self, result: StageResult, work: Path, final: Path) -> StageResult:
+        """Move a finished stage's folder into place, keeping the previous one until then."""
+        previous = final.parent / ".previous" / final.name
+        if final.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            previous.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, previous)
+        os.replace(work, final)
+        prefix = str(work.relative_to(self.run_dir))
+        target = str(final.relative_to(self.run_dir))
+        for model in result.models:
+            if model.path.startswith(prefix):
+                model.path = target + model.path[len(prefix):]
+        return result
+
+    def _write_metrics(self, planned: list[PlannedStage]) -> dict[str, Any]:
+        metrics = {p.name: self._results[p.name].metrics for p in planned if p.name in self._results}
+        write_json(self.run_dir / "metrics.json", metrics)
+        return metrics
+
+    def _show_summary(self, planned: list[PlannedStage]) -> None:
+        for step in planned:
+            if step.stage.params.kind != "evaluate" or step.name not in self._results:
+                continue
+            split = step.stage.params.split
+            by_model = self._results[step.name].metrics.get(split, {})
+            header, rows = summary_rows(by_model, self.tasks)
+            write_json(self.run_dir / "summary.json", {"stage": step.name, "split": split, "header": header,
+                                                       "rows": rows})
+            self.reporter.table(f"{self.config.name}: {split} metrics ({step.name})", header, rows)
+
+
+def describe_plan(planned: list[PlannedStage]) -> list[str]:
+    lines = []
+    for i, p in enumerate(planned, 1):
+        deps = f"  (after {', '.join(p.deps)})" if p.deps else ""
+        lines.append(f"{i}. {p.name}: {p.description}{deps}")
+    return lines

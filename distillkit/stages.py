@@ -1,0 +1,372 @@
+"""Stage kinds: ``train``, ``ensemble``, ``distill`` and ``evaluate``.
+
+A stage reads the run's data and the models of earlier stages and writes its own folder:
+``model.safetensors`` (or one folder per model), ``metrics.json`` and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from pydantic import Field, field_validator
+
+from distillkit.checkpoint import file_checksum, save_model
+from distillkit.data import SplitData, hash_seed
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import Params, Task, Teacher
+from distillkit.io import read_json, write_json
+from distillkit.models import as_teacher, build_student, init_from, load_model, model_meta
+from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
+                                        route_teachers)
+from distillkit.training import evaluate, fit
+
+
+@dataclass
+class ModelRecord:
+    path: str  # relative to the run dir
+    tasks: list[str]
+    scores: dict[str, float]
+    checksum: str
+    label: str
+
+
+@dataclass
+class StageResult:
+    models: list[ModelRecord] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # split -> model label -> task -> metrics
+
+    def to_json(self) -> dict[str, Any]:
+        return {"models": [vars(m) for m in self.models], "metrics": self.metrics}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "StageResult":
+        return cls([ModelRecord(**m) for m in data["models"]], dict(data["metrics"]))
+
+
+class StageContext(ABC):
+    """What a stage can use; implemented by the runner."""
+
+    config: Any
+    registries: Any
+    tasks: dict[str, Task]
+    splits: dict[str, SplitData]
+    device: torch.device
+    run_dir: Path
+    data_fingerprint: str
+
+    @abstractmethod
+    def result(self, stage: str) -> StageResult: ...
+
+    @abstractmethod
+    def callbacks(self, label: str) -> Any: ...
+
+    def teachers(self, stages: Sequence[str]) -> list[Teacher]:
+        out = []
+        for stage in stages:
+            for record in self.result(stage).models:
+                loaded = load_model(self.run_dir / record.path, self.registries, self.device)
+                out.append(as_teacher(loaded, record.label, record.scores))
+        return out
+
+
+class Stage(ABC):
+    Params: ClassVar[type[Params]]
+    #: the stage has a ``training`` section merged over the run's defaults
+    uses_training: ClassVar[bool] = False
+    #: nested component fields -> registry kind
+    nested: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, name: str, params: Params):
+        self.name = name
+        self.params = params
+
+    def dependencies(self) -> list[str]:
+        return []
+
+    def task_names(self, all_tasks: Sequence[str]) -> list[str]:
+        tasks = getattr(self.params, "tasks", None)
+        return list(tasks) if tasks else list(all_tasks)
+
+    def model_task_sets(self, all_tasks: Sequence[str]) -> list[frozenset[str]]:
+        """The task sets of the models this stage produces (for routing checks)."""
+        return [frozenset(self.task_names(all_tasks))]
+
+    @abstractmethod
+    def describe(self, all_tasks: Sequence[str]) -> str: ...
+
+    @abstractmethod
+    def run(self, ctx: StageContext, workdir: Path) -> StageResult: ...
+
+
+# -- shared pieces -------------------------------------------------------------------------
+
+def _primary_scores(tasks: Mapping[str, Task], metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(metrics.get(name, {}).get(task.primary_metric, math.nan)) for name, task in tasks.items()}
+
+
+def _evaluate_splits(ctx: StageContext, model, tasks, loss_fn, batch_size: int) -> dict[str, Any]:
+    return {split: evaluate(model, tasks, ctx.splits[split], batch_size, ctx.device, loss_fn)
+            for split in ("val", "test")}
+
+
+def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[str], params: Any, workdir: Path,
+               init: str | None, teachers: list[Teacher] | None = None) -> tuple[ModelRecord, dict[str, Any]]:
+    """Train (or distill into) one student and save it; the common core of every training stage."""
+    tasks = {t: ctx.tasks[t] for t in task_names}
+    seed = ctx.config.seed
+    torch.manual_seed(hash_seed(seed, stage, label, "init"))
+    model = build_student(ctx.config.student, tasks, ctx.registries)
+    if init is not None:
+        record = ctx.result(init).models[0]
+        init_from(model, ctx.run_dir / record.path, where=f"stages.{stage}.init")
+    model.to(ctx.device)
+    loss_fn = ctx.registries.loss.get(params.loss.kind)(params.loss)
+    training = params.training
+    meta = model_meta(ctx.config.student, tasks, stage)
+    kw: dict[str, Any] = {}
+    train_split = ctx.splits["train"]
+    if teachers is not None:
+        kw = _distill_inputs(ctx, stage, params, tasks, teachers, workdir)
+        train_split = ctx.splits["unlabeled" if params.data == "unlabeled" else "train"]
+        if len(train_split) == 0:
+            raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
+                                  where=f"stages.{stage}.data")
+    fit(model, tasks, loss_fn, train_split, ctx.splits["val"], training, device=ctx.device,
+        seed=hash_seed(seed, stage, label), workdir=workdir, callbacks=ctx.callbacks(label), stage=stage,
+        model_meta=meta, **kw)
+    path = workdir / "model.safetensors"
+    save_model(path, model, meta)
+    metrics = _evaluate_splits(ctx, model, tasks, loss_fn, training.eval_batch_size)
+    record = ModelRecord(path=str(path.relative_to(ctx.run_dir)), tasks=list(task_names),
+                         scores=_primary_scores(tasks, metrics["val"]), checksum=file_checksum(path), label=label)
+    return record, metrics
+
+
+def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[str, Task], teachers: list[Teacher],
+                    workdir: Path) -> dict[str, Any]:
+    tau = params.temperature_for(list(tasks))
+    policy = ctx.registries.aggregation.get(params.aggregation.kind)(params.aggregation)
+    routes = route_teachers(list(tasks), teachers, policy, where=f"stages.{stage}.teachers")
+    use_labels = params.data == "labeled"
+    train_split = ctx.splits["unlabeled" if not use_labels else "train"]
+    online = OnlineTargets(teachers, tasks, routes, tau, use_labels)
+    # Validation targets never use labels in an unlabeled stage (they feed ``val_kd``).
+    val_online = OnlineTargets(teachers, tasks, routes, tau, use_labels=False)
+    out = params.teacher_outputs
+    batch = params.training.eval_batch_size
+    if out.mode == "online":
+        train_targets, val_targets = online, val_online
+    else:
+        cache_root = ctx.run_dir / "cache" / "teacher_outputs"
+        targets = []
+        for split, source in ((train_split, online), (ctx.splits["val"], val_online)):
+            key = cache_key(teachers, routes, tau, source.use_labels, split, ctx.data_fingerprint, out)
+            targets.append(build_or_load_cache(source, split, cache_root / key, out, batch, ctx.device,
+                                               progress=ctx.callbacks(f"teacher outputs ({split.name})")))
+        train_targets, val_targets = targets
+    return {"use_labels": use_labels, "soft_targets": train_targets, "val_soft_targets": val_targets,
+            "alpha": params.alpha if use_labels else 1.0, "tau": tau}
+
+
+def _default_loss() -> dict[str, Any]:
+    return {"kind": "kd"}
+
+
+# -- stage kinds ---------------------------------------------------------------------------
+
+class TrainParams(Params):
+    kind: str = "train"
+    #: tasks the model learns (default: every task of the run)
+    tasks: Optional[list[str]] = None
+    #: start from the weights of this earlier stage's model
+    init: Optional[str] = None
+    loss: Any = Field(default_factory=_default_loss)
+    training: Any = None
+
+
+class TrainStage(Stage):
+    """Supervised multi-task training on the labeled training split (the paper's M1)."""
+
+    Params = TrainParams
+    uses_training = True
+    nested = {"loss": "loss"}
+
+    def dependencies(self) -> list[str]:
+        return [self.params.init] if self.params.init else []
+
+    def describe(self, all_tasks: Sequence[str]) -> str:
+        init = f" from {self.params.init}" if self.params.init else ""
+        return f"train on labeled data: tasks {', '.join(self.task_names(all_tasks))}{init}"
+
+    def run(self, ctx: StageContext, workdir: Path) -> StageResult:
+        record, metrics = _train_one(ctx, self.name, self.name, self.task_names(list(ctx.tasks)), self.params,
+                                     workdir, self.params.init)
+        return StageResult([record], {split: {record.label: m} for split, m in metrics.items()})
+
+
+class EnsembleParams(Params):
+    kind: str = "ensemble"
+    tasks: Optional[list[str]] = None
+    #: ``all``: every non-empty subset of the tasks (2^n - 1 models); ``proper``: all but the
+    #: full set (when the full-task model is trained by another stage); or an explicit list
+    subsets: Union[Literal["all", "proper"], list[list[str]]] = "all"
+    loss: Any = Field(default_factory=_default_loss)
+    training: Any = None
+
+
+class EnsembleStage(Stage):
+    """Trains one teacher per subset of the tasks (the paper's seven-teacher ensemble)."""
+
+    Params = EnsembleParams
+    uses_training = True
+    nested = {"loss": "loss"}
+
+    def subsets(self, all_tasks: Sequence[str]) -> list[list[str]]:
+        tasks = self.task_names(all_tasks)
+        if isinstance(self.params.subsets, list):
+            return [list(s) for s in self.params.subsets]
+        combos = [list(c) for r in range(1, len(tasks) + 1) for c in itertools.combinations(tasks, r)]
+        if self.params.subsets == "proper":
+            combos = combos[:-1]
+        return combos
+
+    def model_task_sets(self, all_tasks: Sequence[str]) -> list[frozenset[str]]:
+        return [frozenset(s) for s in self.subsets(all_tasks)]
+
+    def describe(self, all_tasks: Sequence[str]) -> str:
+        subsets = " ".join("{" + ",".join(s) + "}" for s in self.subsets(all_tasks))
+        return f"train {len(self.subsets(all_tasks))} teachers on labeled data: {subsets}"
+
+    def run(self, ctx: StageContext, workdir: Path) -> StageResult:
+        result = StageResult()
+        for subset in self.subsets(list(ctx.tasks)):
+            label = f"{self.name}[{'+'.join(subset)}]"
+            sub = workdir / "+".join(subset)
+            done = sub / "done.json"
+            if done.exists():  # a finished teacher survives an interrupted ensemble
+                saved = read_json(done)
+                record, metrics = ModelRecord(**saved["record"]), saved["metrics"]
+            else:
+                record, metrics = _train_one(ctx, self.name, label, subset, self.params, sub, None)
+                write_json(done, {"record": vars(record), "metrics": metrics})
+            result.models.append(record)
+            for split, m in metrics.items():
+                result.metrics.setdefault(split, {})[label] = m
+        return result
+
+
+class DistillParams(Params):
+    kind: str = "distill"
+    tasks: Optional[list[str]] = None
+    init: Optional[str] = None
+    #: stages whose models teach (a train stage gives one teacher, an ensemble several)
+    teachers: list[str] = Field(default_factory=list)
+    #: teachers from outside the run, e.g. ``{kind: checkpoint, path: teacher.safetensors}``
+    extra_teachers: list[Any] = Field(default_factory=list)
+    #: ``labeled``: CE to the labels plus KL to the teachers on the training split (M2);
+    #: ``unlabeled``: KL only, on the unlabeled pool (M3)
+    data: Literal["labeled", "unlabeled"] = "labeled"
+    #: weight of the soft term (the paper: 0.95)
+    alpha: float = Field(0.95, ge=0, le=1)
+    #: tau, one value or one per task (the paper's grid: 0.5, 1, 5, 10)
+    temperature: Union[float, dict[str, float]] = 1.0
+    aggregation: Any = Field(default_factory=lambda: {"kind": "mean"})
+    teacher_outputs: TeacherOutputParams = TeacherOutputParams()
+    loss: Any = Field(default_factory=_default_loss)
+    training: Any = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, value):
+        values = value.values() if isinstance(value, dict) else [value]
+        if any(v <= 0 for v in values):
+            raise ValueError("temperatures must be > 0")
+        return value
+
+    def temperature_for(self, tasks: Sequence[str]) -> dict[str, float]:
+        if isinstance(self.temperature, dict):
+            return {t: float(self.temperature.get(t, 1.0)) for t in tasks}
+        return {t: float(self.temperature) for t in tasks}
+
+
+class DistillStage(Stage):
+    """Knowledge distillation from one or more earlier stages' models (the paper's M2 and M3)."""
+
+    Params = DistillParams
+    uses_training = True
+    nested = {"aggregation": "aggregation", "loss": "loss", "extra_teachers": "teacher"}
+
+    def dependencies(self) -> list[str]:
+        deps = ([self.params.init] if self.params.init else []) + list(self.params.teachers)
+        return list(dict.fromkeys(deps))
+
+    def describe(self, all_tasks: Sequence[str]) -> str:
+        p = self.params
+        init = f" from {p.init}" if p.init else ""
+        tau = p.temperature_for(self.task_names(all_tasks))
+        taus = ", ".join(f"{k}={v:g}" for k, v in tau.items())
+        return (f"distill on {p.data} data{init}: tasks {', '.join(self.task_names(all_tasks))}; teachers "
+                f"{', '.join(p.teachers)} ({p.aggregation.kind}); alpha={p.alpha if p.data == 'labeled' else 1.0:g}; "
+                f"tau {taus}; teacher outputs {p.teacher_outputs.mode}/{p.teacher_outputs.storage}")
+
+    def run(self, ctx: StageContext, workdir: Path) -> StageResult:
+        teachers = ctx.teachers(self.params.teachers)
+        for spec in self.params.extra_teachers:
+            source = ctx.registries.teacher.get(spec.kind)(spec)
+            teachers.append(source.load(ctx.registries, ctx.device, ctx.config.base_dir))
+        if not teachers:
+            raise DistillkitError(f"stage '{self.name}' has no teachers.", where=f"stages.{self.name}.teachers")
+        record, metrics = _train_one(ctx, self.name, self.name, self.task_names(list(ctx.tasks)), self.params,
+                                     workdir, self.params.init, teachers=teachers)
+        return StageResult([record], {split: {record.label: m} for split, m in metrics.items()})
+
+
+class EvaluateParams(Params):
+    kind: str = "evaluate"
+    #: stages whose models are compared (rows of the table)
+    models: list[str] = Field(min_length=1)
+    split: Literal["val", "test"] = "test"
+    #: also report every metric per value of this task's label (e.g. per broad disease)
+    group_by: Optional[str] = None
+    batch_size: int = Field(256, ge=1)
+
+
+class EvaluateStage(Stage):
+    """Evaluates earlier stages' models on one split and writes the comparison table."""
+
+    Params = EvaluateParams
+
+    def dependencies(self) -> list[str]:
+        return list(self.params.models)
+
+    def model_task_sets(self, all_tasks):
+        return []
+
+    def describe(self, all_tasks: Sequence[str]) -> str:
+        by = f", per {self.params.group_by}" if self.params.group_by else ""
+        return f"evaluate {', '.join(self.params.models)} on the {self.params.split} split{by}"
+
+    def run(self, ctx: StageContext, workdir: Path) -> StageResult:
+        from distillkit.evaluation import evaluate_grouped
+
+        split = ctx.splits[self.params.split]
+        result = StageResult()
+        for stage in self.params.models:
+            for record in ctx.result(stage).models:
+                loaded = load_model(ctx.run_dir / record.path, ctx.registries, ctx.device)
+                # the run's fitted tasks carry the split's encoding; the model's own tasks its head sizes
+                tasks = {name: ctx.tasks[name] for name in loaded.tasks}
+                metrics = evaluate(loaded.model, tasks, split, self.params.batch_size, ctx.device)
+                if self.params.group_by:
+                    metrics["by_group"] = evaluate_grouped(loaded.model, tasks, split, self.params.group_by,
+                                                           ctx.tasks[self.params.group_by], self.params.batch_size,
+                                                           ctx.device)
+                result.metrics.setdefault(self.params.split, {})[record.label] = metrics
+        write_json(workdir / "metrics.json", result.metrics)
+        return result

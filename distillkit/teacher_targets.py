@@ -1,0 +1,235 @@
+"""Teacher soft targets: routing, aggregation, online computation and the teacher-output cache.
+
+For one task, sum_k KL(p_k || q) = K * CE(mean_k p_k, q) - sum_k H(p_k): the second term does
+not depend on the student, so distilling from every teacher that learned a task has the same
+student gradient as distilling from the mean of their tempered distributions, times K. We
+therefore aggregate once per image (the policy may weight teachers unequally), store the
+result, and let the student train at the cost of training without teachers.
+
+Storage of a distribution (``probs``) can be ``fp32``, ``fp16`` (renormalised on read) or
+``topk``: the k largest probabilities plus the dropped mass r, which is spread evenly over the
+other C - k classes on read. The L1 error of a reconstructed distribution is at most 2r, so
+the error of the KD gradient with respect to the student's logits, (q - p) / tau per row, is
+at most 2r / tau in L1 norm. ``index.json`` records the largest r seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+import torch
+from pydantic import Field
+
+from distillkit.checkpoint import load_tensors, save_tensors, file_checksum
+from distillkit.data import Batch, SplitData, iterate_batches
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import AggregationPolicy, Params, Task, Teacher
+from distillkit.io import write_json, read_json
+
+Tensor = torch.Tensor
+CACHE_FORMAT = "distillkit.teacher_outputs/1"
+
+
+class TeacherOutputParams(Params):
+    #: ``cache``: compute once per image and view, store, read every epoch; ``online``: run the
+    #: teachers on every batch (needed with random augmentation)
+    mode: Literal["cache", "online"] = "cache"
+    storage: Literal["fp32", "fp16", "topk"] = "fp16"
+    topk: int = Field(16, ge=1)
+    shard_size: int = Field(4096, ge=1)
+
+
+@dataclass
+class Route:
+    teachers: list[int]  # positions in the teacher list
+    weights: list[float]
+
+
+def route_teachers(tasks: Sequence[str], teachers: Sequence[Teacher], policy: AggregationPolicy,
+                   where: str = "teachers") -> dict[str, Route]:
+    """For each task, the teachers that learned it and their weights from the policy."""
+    routes = {}
+    for task in tasks:
+        chosen = [i for i, t in enumerate(teachers) if task in t.tasks]
+        if not chosen:
+            names = ", ".join(f"{t.name} ({'/'.join(sorted(t.tasks))})" for t in teachers)
+            raise DistillkitError(f"no teacher learned task '{task}' (teachers: {names}).", where=where)
+        weights = [float(w) for w in policy.weights(task, [teachers[i] for i in chosen])]
+        total = sum(weights)
+        if len(weights) != len(chosen) or total <= 0 or any(w < 0 for w in weights):
+            raise ValueError(f"aggregation policy returned invalid weights {weights} for task '{task}'")
+        routes[task] = Route(chosen, [w / total for w in weights])
+    return routes
+
+
+class OnlineTargets:
+    """Runs the teachers on a batch: each teacher's encoder once, then each routed head."""
+
+    def __init__(self, teachers: Sequence[Teacher], tasks: Mapping[str, Task], routes: Mapping[str, Route],
+                 tau: Mapping[str, float], use_labels: bool):
+        self.teachers = list(teachers)
+        self.tasks = dict(tasks)
+        self.routes = dict(routes)
+        self.tau = dict(tau)
+        self.use_labels = use_labels
+        needed = sorted({i for r in self.routes.values() for i in r.teachers})
+        self.needed = needed
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> dict[str, dict[str, Tensor]]:
+        for t in self.teachers:
+            t.model.eval()  # a teacher that shares modules with a student must not drift
+        feats = {i: self.teachers[i].features(batch.inputs) for i in self.needed}
+        out = {}
+        for name, task in self.tasks.items():
+            r = self.routes[name]
+            target = batch.targets[name] if (self.use_labels and batch.targets is not None) else None
+            out[name] = task.soft_target([self.teachers[i].model.heads[name] for i in r.teachers],
+                                         [feats[i] for i in r.teachers], r.weights, target, self.tau[name])
+        return out
+
+
+def _compress(probs: Tensor, storage: str, k: int) -> dict[str, Tensor]:
+    if storage == "fp32":
+        return {"probs": probs.float()}
+    if storage == "fp16":
+        return {"probs": probs.half()}
+    k = min(k, probs.shape[-1])
+    values, indices = probs.float().topk(k, dim=-1)
+    residual = (1.0 - values.sum(-1)).clamp_min(0.0)
+    return {"topv": values.half(), "topi": indices.to(torch.int32), "residual": residual.float()}
+
+
+def _decompress(parts: Mapping[str, Tensor], storage: str, num_classes: int) -> Tensor:
+    if storage in ("fp32", "fp16"):
+        p = parts["probs"].float()
+        return p / p.sum(-1, keepdim=True).clamp_min(1e-12) if storage == "fp16" else p
+    values = parts["topv"].float()
+    k = values.shape[-1]
+    fill = (parts["residual"] / max(num_classes - k, 1)).unsqueeze(-1)
+    dense = fill.expand(*values.shape[:-1], num_classes).clone()
+    dense.scatter_(-1, parts["topi"].long(), values)
+    return dense
+
+
+class CachedTargets:
+    """Soft targets of a split read from the cache by row position (``batch.index``)."""
+
+    def __init__(self, tensors: Mapping[str, Mapping[str, Tensor]], storage: str, num_classes: Mapping[str, int],
+                 device: torch.device):
+        self.storage = storage
+        self.num_classes = dict(num_classes)
+        self.device = device
+        self.tensors = {t: dict(v) for t, v in tensors.items()}
+
+    def __call__(self, batch: Batch) -> dict[str, dict[str, Tensor]]:
+        idx = batch.index
+        out = {}
+        for task, parts in self.tensors.items():
+            rows = {k: v[idx].to(self.device, non_blocking=True) for k, v in parts.items()}
+            soft = {k: v for k, v in rows.items() if k not in ("probs", "topv", "topi", "residual")}
+            dist = {k: v for k, v in rows.items() if k in ("probs", "topv", "topi", "residual")}
+            soft["probs"] = _decompress(dist, self.storage, self.num_classes[task])
+            out[task] = soft
+        return out
+
+
+def cache_key(teachers: Sequence[Teacher], routes: Mapping[str, Route], tau: Mapping[str, float], use_labels: bool,
+              split: SplitData, data_fingerprint: str, params: TeacherOutputParams, view: str = "identity") -> str:
+    """Identifies a cache by the teachers' checkpoints, their weights, the data, split and view."""
+    description = {
+        "teachers": [t.checksum for t in teachers],
+        "routes": {k: [[teachers[i].checksum for i in r.teachers], r.weights] for k, r in sorted(routes.items())},
+        "tau": dict(sorted(tau.items())), "labels": use_labels, "split": split.name,
+        "rows": hashlib.sha256(split.indices.tobytes()).hexdigest(), "data": data_fingerprint,
+        "storage": params.storage, "topk": params.topk if params.storage == "topk" else None, "view": view,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path, params: TeacherOutputParams,
+                        batch_size: int, device: torch.device, progress=None) -> CachedTargets:
+    """Compute the aggregated soft targets of every row of ``split`` once, or read them back.
+
+    The cache is a folder of safetensors shards plus ``index.json``, which is written last and
+    lists each shard's checksum: a folder without it, or with a shard that does not match,
+    is rebuilt.
+    """
+    num_classes: dict[str, int] = {}
+    loaded = _load_cache(directory, params.storage)
+    if loaded is not None:
+        tensors, num_classes = loaded
+        return CachedTargets(tensors, params.storage, num_classes, device)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("shard-*.safetensors"):
+        stale.unlink()
+    shards: list[dict] = []
+    buffer: dict[str, dict[str, list[Tensor]]] = {}
+    buffered = 0
+    max_residual = 0.0
+    steps = (len(split) + batch_size - 1) // batch_size
+    if progress is not None:
+        progress.on_epoch_start(0, 1, steps)
+
+    def flush() -> None:
+        nonlocal buffer, buffered
+        if not buffered:
+            return
+        flat = {f"{task}.{key}": torch.cat(chunks) for task, parts in buffer.items() for key, chunks in parts.items()}
+        path = directory / f"shard-{len(shards):05d}.safetensors"
+        save_tensors(path, flat, {"format": CACHE_FORMAT, "rows": buffered})
+        shards.append({"file": path.name, "rows": buffered, "sha256": file_checksum(path)})
+        buffer, buffered = {}, 0
+
+    for batch in iterate_batches(split, batch_size, device=device, tasks=list(online.tasks) if online.use_labels else None):
+        soft = online(batch)
+        for task, parts in soft.items():
+            probs = parts["probs"]
+            num_classes[task] = probs.shape[-1]
+            stored = _compress(probs, params.storage, params.topk)
+            if "residual" in stored:
+                max_residual = max(max_residual, float(stored["residual"].max()))
+            stored.update({k: v for k, v in parts.items() if k != "probs"})
+            for key, value in stored.items():
+                buffer.setdefault(task, {}).setdefault(key, []).append(value.cpu())
+        buffered += len(batch.index)
+        if buffered >= params.shard_size:
+            flush()
+        if progress is not None:
+            progress.on_step()
+    flush()
+    write_json(directory / "index.json", {"format": CACHE_FORMAT, "rows": len(split), "storage": params.storage,
+                                          "num_classes": num_classes, "shards": shards,
+                                          "max_dropped_mass": max_residual})
+    loaded = _load_cache(directory, params.storage)
+    assert loaded is not None
+    return CachedTargets(loaded[0], params.storage, loaded[1], device)
+
+
+def _load_cache(directory: Path, storage: str):
+    index_path = directory / "index.json"
+    if not index_path.exists():
+        return None
+    try:
+        index = read_json(index_path)
+        parts: dict[str, dict[str, list[Tensor]]] = {}
+        for shard in index["shards"]:
+            path = directory / shard["file"]
+            if file_checksum(path) != shard["sha256"]:
+                raise ValueError(f"{path} does not match its checksum")
+            tensors, _ = load_tensors(path)
+            for name, value in tensors.items():
+                task, key = name.split(".", 1)
+                parts.setdefault(task, {}).setdefault(key, []).append(value)
+        if index["storage"] != storage:
+            raise ValueError("storage mismatch")
+    except (OSError, ValueError, KeyError, DistillkitError, json.JSONDecodeError):
+        index_path.unlink(missing_ok=True)  # half-written or damaged: rebuild
+        return None
+    tensors = {t: {k: torch.cat(v) for k, v in p.items()} for t, p in parts.items()}
+    return tensors, index["num_classes"]

@@ -1,0 +1,289 @@
+"""The training loop shared by supervised and distillation stages.
+
+One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom.
+Teachers never appear here; a distillation stage passes a ``soft_targets`` callable that
+returns each task's soft target for a batch (from the teacher-output cache, or online).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol
+
+import torch
+from pydantic import Field
+
+from distillkit.checkpoint import (STATE_FORMAT, load_tensors, optimizer_from_tensors, optimizer_to_tensors,
+                                   save_model, save_tensors, load_model_state)
+from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
+from distillkit.errors import DistillkitError
+from distillkit.interfaces import Loss, Params, Student, Task
+from distillkit.io import append_jsonl
+
+Tensor = torch.Tensor
+SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
+
+
+class OptimizerParams(Params):
+    kind: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    #: L2 regularisation (the paper: 1e-6)
+    weight_decay: float = Field(1e-6, ge=0)
+
+
+class EarlyStoppingParams(Params):
+    #: ``val_loss`` (labels), ``val_kd`` (KL to the teachers on val, no labels), or ``<task>.<metric>``
+    metric: str = "val_loss"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainingParams(Params):
+    optimizer: OptimizerParams = OptimizerParams()
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    #: maximum number of epochs (early stopping may end sooner)
+    epochs: int = Field(30, ge=1)
+    early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
+    scheduler: Literal["none", "cosine"] = "none"
+    grad_clip: Optional[float] = Field(None, gt=0)
+    #: bf16 autocast on CUDA (ignored on CPU)
+    mixed_precision: bool = True
+    channels_last: bool = False
+
+
+class Callbacks(Protocol):
+    def on_epoch_start(self, epoch: int, total_epochs: int, steps: int) -> None: ...
+    def on_step(self) -> None: ...
+    def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None: ...
+
+
+class NullCallbacks:
+    def on_epoch_start(self, epoch, total_epochs, steps): pass
+    def on_step(self): pass
+    def on_epoch_end(self, epoch, record): pass
+
+
+def make_optimizer(model: torch.nn.Module, p: OptimizerParams) -> torch.optim.Optimizer:
+    params = [q for q in model.parameters() if q.requires_grad]
+    if p.kind == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0,
+                               weight_decay=p.weight_decay)
+    cls = torch.optim.Adam if p.kind == "adam" else torch.optim.AdamW
+    return cls(params, lr=p.lr, weight_decay=p.weight_decay)
+
+
+def forward_tasks(model: Student, tasks: Mapping[str, Task], inputs: Tensor,
+                  targets: Mapping[str, Mapping[str, Tensor]] | None,
+                  soft: Mapping[str, Mapping[str, Tensor]] | None, train: bool) -> dict[str, Tensor]:
+    """Logits of every task from one encoder pass.
+
+    A sequence task is conditioned on the labels (supervised) or, when distilling, on the
+    same prefix the teachers saw (``guide_from_soft``), so student and teacher distributions
+    are compared position by position.
+    """
+    feats = model.features(inputs)
+    out = {}
+    for name, task in tasks.items():
+        target = targets[name] if targets is not None else None
+        if soft is not None:
+            guide = task.guide_from_soft(soft[name], target)
+            out[name] = task.forward(model.heads[name], feats, guide, train=False)
+        else:
+            out[name] = task.forward(model.heads[name], feats, target, train=train)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_size: int, device: torch.device,
+             loss_fn: Loss | None = None, soft_targets: SoftTargets | None = None,
+             tau: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Metrics of every task over a whole split, plus ``loss`` (labels) and ``kd`` (teachers)."""
+    was_training = model.training
+    model.eval()
+    accumulators = {name: task.metrics() for name, task in tasks.items()}
+    loss_sum = torch.zeros((), device=device)
+    kd_sum = torch.zeros((), device=device)
+    rows = 0
+    for batch in iterate_batches(split, batch_size, device=device, tasks=list(tasks)):
+        feats = model.features(batch.inputs)
+        if batch.targets is not None:
+            for name, task in tasks.items():
+                accumulators[name].update(task.predict(model.heads[name], feats), batch.targets[name])
+        n = len(batch.index)
+        if loss_fn is not None and batch.targets is not None:
+            logits = {name: task.forward(model.heads[name], feats, batch.targets[name]) for name, task in tasks.items()}
+            loss, _ = loss_fn(tasks, logits, batch.targets, None, 0.0, tau or {})
+            loss_sum += loss * n
+        if loss_fn is not None and soft_targets is not None:
+            soft = soft_targets(batch)
+            logits = {name: task.forward(model.heads[name], feats, task.guide_from_soft(soft[name], None))
+                      for name, task in tasks.items()}
+            kd, _ = loss_fn(tasks, logits, None, soft, 1.0, tau or {})
+            kd_sum += kd * n
+        rows += n
+    out: dict[str, Any] = {name: acc.compute() for name, acc in accumulators.items()} if split.targets is not None else {}
+    if loss_fn is not None and split.targets is not None:
+        out["loss"] = float(loss_sum) / max(rows, 1)
+    if soft_targets is not None:
+        out["kd"] = float(kd_sum) / max(rows, 1)
+    model.train(was_training)
+    return out
+
+
+def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
+    """(value, higher_is_better) of an early-stopping metric in a validation result."""
+    if metric == "val_loss":
+        return float(metrics.get("loss", math.nan)), False
+    if metric == "val_kd":
+        return float(metrics.get("kd", math.nan)), False
+    task, _, key = metric.partition(".")
+    return float(metrics.get(task, {}).get(key, math.nan)), True
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitData, val: SplitData,
+        params: TrainingParams, *, device: torch.device, seed: int, workdir: Path,
+        use_labels: bool = True, soft_targets: SoftTargets | None = None, val_soft_targets: SoftTargets | None = None,
+        alpha: float = 0.0, tau: Mapping[str, float] | None = None, callbacks: Callbacks | None = None,
+        stage: str = "stage", model_meta: Mapping[str, Any] | None = None) -> FitResult:
+    """Train ``model`` on ``train``; keep the best epoch by the validation metric.
+
+    ``workdir`` receives ``last.safetensors`` (model, optimizer, RNG and loop state, written
+    after every epoch) and ``best.safetensors``; if ``last.safetensors`` exists the loop resumes
+    from it, so an interrupted stage continues where it stopped and ends with the same weights.
+    """
+    callbacks = callbacks or NullCallbacks()
+    tau = dict(tau or {})
+    es = params.early_stopping
+    metric = es.metric if es else None
+    if metric == "val_loss" and not use_labels:
+        metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
+    model.to(device)
+    if params.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.optimizer)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+                 if params.scheduler == "cosine" else None)
+    autocast = device.type == "cuda" and params.mixed_precision
+    workdir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
+
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    torch.manual_seed(hash_seed(seed, stage, "init"))
+    if last_path.exists():
+        tensors, meta = load_tensors(last_path, STATE_FORMAT)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+        if scheduler is not None and meta.get("scheduler"):
+            scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        state = meta["loop"]
+
+    steps = math.ceil(len(train) / params.batch_size)
+    for epoch in range(state["epoch"], params.epochs):
+        model.train()
+        callbacks.on_epoch_start(epoch, params.epochs, steps)
+        # Sums stay on the device: no host synchronisation inside the step.
+        loss_sum = torch.zeros((), device=device)
+        nan_step = torch.full((), -1, dtype=torch.long, device=device)
+        part_sums: dict[str, Tensor] = {}
+        rows = 0
+        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                                     device=device, tasks=list(tasks) if use_labels else None)):
+            targets = batch.targets if use_labels else None
+            soft = soft_targets(batch) if soft_targets is not None else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = forward_tasks(model, tasks, batch.inputs, targets, soft, train=True)
+            loss, parts = loss_fn(tasks, logits, targets, soft, alpha, tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if params.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            optimizer.step()
+            n = len(batch.index)
+            d = loss.detach()
+            nan_step = torch.where((nan_step < 0) & ~torch.isfinite(d), torch.tensor(step, device=device), nan_step)
+            loss_sum += d * n
+            for k, v in parts.items():
+                part_sums[k] = part_sums.get(k, 0) + v * n
+            rows += n
+            callbacks.on_step()
+        if scheduler is not None:
+            scheduler.step()
+        if int(nan_step) >= 0:  # one synchronisation per epoch
+            raise DistillkitError(
+                f"the loss became NaN or infinite in stage '{stage}' at epoch {epoch}, step {int(nan_step)}; "
+                f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
+                "was kept.", where=str(workdir),
+                hint="Lower the learning rate, or check the inputs and labels for invalid values.")
+
+        val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
+                               val_soft_targets, tau) if len(val) else {}
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(rows, 1),
+                  "train_parts": {k: float(v) / max(rows, 1) for k, v in part_sums.items()},
+                  "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
+        improved = True
+        if metric is not None:
+            value, higher = score_of(val_metrics, metric)
+            record["monitor"] = {metric: value}
+            best = state["best_score"]
+            if best is not None and not math.isnan(value):
+                delta = (value - best) if higher else (best - value)
+                improved = delta > (es.min_delta if es else 0.0)
+            elif math.isnan(value):
+                improved = best is None
+            if improved:
+                state["best_score"] = value
+        if improved:
+            state["best_epoch"] = epoch
+            state["bad_epochs"] = 0
+            save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["history"].append(record)
+        stop = es is not None and state["bad_epochs"] >= es.patience
+        _save_state(last_path, model, optimizer, scheduler, state)
+        append_jsonl(log_path, record)
+        callbacks.on_epoch_end(epoch, record)
+        if stop:
+            break
+
+    best_state, _ = load_model_state(best_path)
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch=state["best_epoch"], epochs_run=state["epoch"], history=state["history"])
+
+
+def _save_state(path: Path, model, optimizer, scheduler, loop_state) -> None:
+    tensors, optim_meta = optimizer_to_tensors(optimizer)
+    tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": STATE_FORMAT, "optimizer": optim_meta, "loop": loop_state,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    save_tensors(path, tensors, meta)
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar part of a metrics dict (drops confusion matrices and per-class tables)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            sub = {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float))}
+            if sub:
+                out[k] = sub
+        elif isinstance(v, (int, float)):
+            out[k] = v
+    return out
