@@ -70,7 +70,7 @@ class PluginManager:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise DistillkitError(f"plugin '{exc.plugin_name}' implements an unknown hook: {exc}") from None
+            raise DistillkitError(f"a plugin implements an unknown hook: {exc}") from None
         self._registries: Registries | None = None
 
     @property

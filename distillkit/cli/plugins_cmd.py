@@ -18,6 +18,7 @@ def plugins() -> None:
         for kind in KINDS:
             names = info.components.get(kind)
             if names:
-                click.echo(f"  {kind}s: {', '.join(sorted(names))}")
+                plural = "losses" if kind == "loss" else f"{kind}s"
+                click.echo(f"  {plural}: {', '.join(sorted(names))}")
     for name, message in manager.failed.items():
         click.echo(f"{name} FAILED TO LOAD: {message}")

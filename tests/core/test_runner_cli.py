@@ -1,0 +1,175 @@
+"""End-to-end runs of the toy example through the runner and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from distillkit.checkpoint import load_model_state
+from distillkit.cli import cli
+from distillkit.config import load_config
+from distillkit.errors import DistillkitError
+from distillkit.runner import RunLock, Runner
+from tests.conftest import REPO, toy_config, write_config
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_autoload(monkeypatch, fresh_plugin_manager, cache_dir):
+    monkeypatch.setenv("DISTILLKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+def test_run_writes_run_directory_and_rerun_skips(tmp_path, runner):
+    config = write_config(tmp_path, toy_config())
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["run", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"teachers", "m1", "m2", "m3", "report"}
+    assert set(metrics["m1"]) == {"val", "test"}
+    acc = metrics["report"]["test"]["m1"]["cluster"]["accuracy"]
+    assert 0.5 < acc <= 1.0  # 4 clusters: well above chance after 3 epochs
+    assert (out / "stages" / "m1" / "model.safetensors").exists()
+    assert len(list((out / "stages" / "teachers").glob("*/model.safetensors"))) == 2
+    assert (out / "config.yaml").exists() and (out / "summary.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["header"][:2] == ["model", "cluster accuracy"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+
+    again = runner.invoke(cli, ["run", str(config), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipped") == 5
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+    # changing one stage re-runs it and the stages after it, not the ones before
+    third = runner.invoke(cli, ["run", str(config), "--out", str(out), "--set", "stages.m3.temperature=3"])
+    assert third.exit_code == 0, third.output
+    assert third.output.count("skipped") == 3  # teachers, m1, m2
+    assert (out / "stages" / ".previous" / "m3" / "model.safetensors").exists()
+
+
+def test_validate_prints_plan_and_trains_nothing(tmp_path, runner):
+    result = runner.invoke(cli, ["validate", str(REPO / "examples" / "toy.yaml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    plan = [l.strip() for l in lines[lines.index("plan:") + 1:]]
+    assert plan[0].startswith("1. teachers: train 2 teachers")
+    assert plan[2].startswith("3. m2: distill on labeled data from m1") and "teachers m1, teachers (mean)" in plan[2]
+    assert plan[3].startswith("4. m3: distill on unlabeled data from m2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plugins_command_lists_builtin_components(runner):
+    result = runner.invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "builtin" in result.output
+    assert "tasks: classification" in result.output
+    assert "stages: distill, ensemble, evaluate, train" in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "missing.yaml"], "does not exist"),
+    (["validate", "{bad}"], "unknown dataset"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, runner, args, expected):
+    if args[1] == "{bad}":
+        config = toy_config()
+        config["data"]["kind"] = "toy"
+        args = [args[0], str(write_config(tmp_path, config))]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error: ")
+
+
+def test_debug_flag_shows_the_traceback(runner):
+    result = runner.invoke(cli, ["--debug", "run", "missing.yaml"])
+    assert isinstance(result.exception, DistillkitError)
+
+
+def test_out_pointing_to_a_file_is_refused(tmp_path, runner):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    result = runner.invoke(cli, ["run", str(write_config(tmp_path, toy_config())), "--out", str(target)])
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert target.read_text() == "keep me"
+
+
+def test_second_run_into_the_same_directory_is_refused(tmp_path, core_registries):
+    cfg = load_config(write_config(tmp_path, toy_config()), core_registries)
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out):
+        with pytest.raises(DistillkitError, match="another distillkit run"):
+            Runner(cfg, core_registries, out).run()
+    # the lock is released with its holder: a later run proceeds
+    with RunLock(out):
+        pass
+
+
+def test_unlabeled_distillation_reads_no_label(tmp_path, core_registries):
+    """M3 trained with every label scrambled gives bit-identical weights: it reads none."""
+    config = toy_config()
+    config["stages"] = {"m1": {"kind": "train"},
+                        "m3": {"kind": "distill", "init": "m1", "teachers": ["m1"], "data": "unlabeled",
+                               "temperature": 2.0}}
+    cfg = load_config(write_config(tmp_path, config), core_registries)
+
+    first = Runner(cfg, core_registries, tmp_path / "a")
+    first.run()
+
+    class Scrambled(Runner):
+        def prepare_data(self):
+            super().prepare_data()
+            if self._results:  # after m1: scramble every label before m3 runs
+                pass
+
+    # Run m1 once, then re-run only m3 in a copy whose targets are all scrambled.
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "stages" / "m3")
+    second = Runner(cfg, core_registries, tmp_path / "b")
+    original_prepare = second.prepare_data
+
+    def prepare_scrambled():
+        original_prepare()
+        g = torch.Generator().manual_seed(123)
+        for split in second.splits.values():
+            if split.targets is None:
+                continue
+            for target in split.targets.values():
+                target["y"].copy_(torch.randint(0, 2, target["y"].shape, generator=g))
+                target["present"].copy_(torch.rand(target["present"].shape, generator=g) < 0.5)
+
+    second.prepare_data = prepare_scrambled
+    second.run()
+    a, _ = load_model_state(tmp_path / "a" / "stages" / "m3" / "model.safetensors")
+    b, _ = load_model_state(tmp_path / "b" / "stages" / "m3" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # m1 (which does read labels) was reused, not retrained, in the scrambled run
+    assert json.loads((tmp_path / "b" / "stages" / "m1" / "stage.json").read_text())["status"] == "done"
+
+
+def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries):
+    config = toy_config()
+    config["stages"] = {"m1": {"kind": "train"},
+                        "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"],
+                               "teacher_outputs": {"mode": "online"}}}
+    cfg = load_config(write_config(tmp_path, config), core_registries)
+    runner = Runner(cfg, core_registries, tmp_path / "run")
+    runner.run()
+    path = tmp_path / "run" / "stages" / "m1" / "model.safetensors"
+    before, _ = load_model_state(path)
+    teacher = runner.teachers(["m1"])[0]
+    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+    m2, _ = load_model_state(tmp_path / "run" / "stages" / "m2" / "model.safetensors")
+    assert any(not torch.equal(before[k], m2[k]) for k in before)  # the student did move
