@@ -124,7 +124,11 @@ def split_indices(dataset: Dataset, params: SplitParams) -> dict[str, np.ndarray
                 out["unlabeled"].extend(items)
             continue
         out[target].extend(items)
-    out["unlabeled"].extend(int(i) for i in np.flatnonzero(dataset.pool))
+    # A pool image of a patient whose labeled images are in val or test would leak that
+    # patient into training: such pool images are left out.
+    held_out = {dataset.groups[i] for i in out["val"] + out["test"] if dataset.groups[i]}
+    out["unlabeled"].extend(int(i) for i in np.flatnonzero(dataset.pool)
+                            if not dataset.groups[i] or dataset.groups[i] not in held_out)
     for name in ("train", "val", "test"):
         if not out[name]:
             raise DistillkitError(

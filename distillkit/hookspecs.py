@@ -38,8 +38,9 @@ def register_encoders(register):
 
 @hookspec
 def register_datasets(register):
-    """Register dataset sources: classes whose ``load(params, context)`` returns a
-    :class:`distillkit.data.Dataset` (inputs, per-task raw labels, patient/group ids).
+    """Register dataset sources: :class:`distillkit.data.DatasetSource` subclasses, built as
+    ``cls(params, context)``, whose ``load()`` returns a :class:`distillkit.data.Dataset`
+    (inputs, raw labels per field, patient/group ids).
 
     :param register: ``register(name, dataset_class)``.
     """

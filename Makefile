@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make run` and `make test` install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned: these wheels are available locally on the reference machines; a looser torch
+# requirement can pull a multi-GB CUDA build. pyproject.toml accepts a range.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test test-all bench wheel clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[eye,dev]"
+	touch $@
+
+run: install
+	$(BIN)/distillkit run plugins/eye_fundus/m3.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+# Also the integration tests (they use ../shared/datasets/fundus-mix when present).
+test-all: install
+	$(BIN)/python -m pytest -m "integration or not integration"
+
+bench: install
+	$(BIN)/python benchmarks/loop_overhead.py
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/distillation.py
+
+wheel: install
+	$(BIN)/python -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs
