@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     config.yaml          the resolved config (every default filled in)
+    run.json             where the config came from (relative data paths resolve there)
     plan.json            stages in order with their keys
     stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
     stages/.work/<name>-<key>/   a stage in progress (resumed from here after a crash)
@@ -226,6 +227,10 @@ class Runner(StageContext):
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
         write_json(self.run_dir / "plan.json", [{"name": p.name, "key": p.key, "deps": p.deps,
                                                  "description": p.description} for p in planned])
+        # Relative paths in config.yaml (e.g. a manifest) resolve against this folder.
+        write_json(self.run_dir / "run.json", {"config_file": str(Path(self.config.file).resolve()),
+                                               "base_dir": str(self.config.base_dir.resolve()),
+                                               "data_fingerprint": self.data_fingerprint})
         self.reporter.message(f"device: {self.device}; run directory: {self.run_dir}")
         stages_dir = self.run_dir / "stages"
         for i, step in enumerate(planned, 1):
