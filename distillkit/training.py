@@ -19,7 +19,7 @@ from pydantic import Field
 from distillkit.checkpoint import (STATE_FORMAT, load_tensors, optimizer_from_tensors, optimizer_to_tensors,
                                    save_model, save_tensors, load_model_state)
 from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
 
@@ -137,13 +137,25 @@ def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_
 
 
 def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
-    """(value, higher_is_better) of an early-stopping metric in a validation result."""
-    if metric == "val_loss":
-        return float(metrics.get("loss", math.nan)), False
-    if metric == "val_kd":
-        return float(metrics.get("kd", math.nan)), False
-    task, _, key = metric.partition(".")
-    return float(metrics.get(task, {}).get(key, math.nan)), True
+    """(value, higher_is_better) of an early-stopping metric in a validation result.
+
+    A metric the result does not hold is a user error: read as NaN, a misspelt name would
+    silently keep epoch 0 and stop after ``patience`` epochs.
+    """
+    if metric in ("val_loss", "val_kd"):
+        value, higher = metrics.get("loss" if metric == "val_loss" else "kd"), False
+    else:
+        task, _, key = metric.partition(".")
+        sub = metrics.get(task)
+        value, higher = (sub.get(key) if isinstance(sub, Mapping) else None), True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        known = [name for name, key in (("val_loss", "loss"), ("val_kd", "kd")) if key in metrics]
+        known += [f"{t}.{k}" for t, sub in metrics.items() if isinstance(sub, Mapping)
+                  for k, v in sub.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        raise DistillkitError(f"the early-stopping metric '{metric}' is not among the validation results"
+                              f".{did_you_mean(metric, known)} Known: {', '.join(known) or 'none'}.",
+                              where="early_stopping.metric")
+    return float(value), higher
 
 
 @dataclass
@@ -193,7 +205,9 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         state = meta["loop"]
 
     steps = math.ceil(len(train) / params.batch_size)
-    for epoch in range(state["epoch"], params.epochs):
+    # A run that already stopped early stays stopped: resuming it must not train on.
+    first_epoch = params.epochs if es is not None and state["bad_epochs"] >= es.patience else state["epoch"]
+    for epoch in range(first_epoch, params.epochs):
         model.train()
         callbacks.on_epoch_start(epoch, params.epochs, steps)
         # Sums stay on the device: no host synchronisation inside the step.
@@ -240,11 +254,11 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             value, higher = score_of(val_metrics, metric)
             record["monitor"] = {metric: value}
             best = state["best_score"]
-            if best is not None and not math.isnan(value):
+            if math.isnan(value):
+                improved = best is None
+            elif best is not None and not math.isnan(best):  # a NaN best is beaten by any number
                 delta = (value - best) if higher else (best - value)
                 improved = delta > (es.min_delta if es else 0.0)
-            elif math.isnan(value):
-                improved = best is None
             if improved:
                 state["best_score"] = value
         if improved:
