@@ -78,6 +78,14 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
             for task in subset:
                 if task not in config.tasks:
                     problems.append(f"stages.{name}.subsets: unknown task '{task}'.")
+        training = getattr(stage.params, "training", None)
+        es = getattr(training, "early_stopping", None)
+        if es is not None and es.metric not in ("val_loss", "val_kd"):
+            task = es.metric.partition(".")[0]
+            if task not in stage.task_names(all_tasks):
+                problems.append(f"stages.{name}.training.early_stopping.metric: '{es.metric}' must be val_loss, "
+                                f"val_kd or <task>.<metric> for one of the stage's tasks "
+                                f"({', '.join(stage.task_names(all_tasks))}).")
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")

@@ -47,3 +47,15 @@ def write_config(tmp_path: Path, config: dict, name: str = "config.yaml") -> Pat
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The suite's models are tiny: one intra-op thread is faster than two fighting over
+    two cores, and it keeps the timing stable when the machine is shared."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
