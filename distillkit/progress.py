@@ -7,6 +7,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ class Reporter:
             self.console.print(text, highlight=False)
 
     def stage_start(self, index: int, total: int, name: str, description: str) -> None:
-        self.message(f"[bold]stage {index}/{total} {name}[/bold]: {description}")
+        self.message(f"[bold]stage {index}/{total} {escape(name)}[/bold]: {escape(description)}")
         if self.interactive:
             self._progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -57,14 +58,22 @@ class Reporter:
 class StageCallbacks:
     def __init__(self, reporter: Reporter, label: str):
         self.reporter = reporter
-        self.label = label
+        self.label = escape(label)  # labels like "teachers[broad+fine]" are not markup
         self._task = None
+        self._epochs_task = None
         self._start = time.perf_counter()
 
     def on_epoch_start(self, epoch: int, total_epochs: int, steps: int) -> None:
         self._start = time.perf_counter()
         progress = self.reporter._progress
         if progress is not None:
+            if total_epochs > 1:
+                # one bar for the model's epochs, one for the steps of the current epoch
+                if self._epochs_task is None:
+                    self._epochs_task = progress.add_task(f"{self.label} epochs", total=total_epochs,
+                                                          completed=epoch, info="")
+                else:
+                    progress.update(self._epochs_task, completed=epoch)
             if self._task is not None:
                 progress.remove_task(self._task)
             what = f"{self.label} epoch {epoch + 1}/{total_epochs}" if total_epochs > 1 else self.label
@@ -75,6 +84,10 @@ class StageCallbacks:
             self.reporter._progress.advance(self._task)
 
     def on_epoch_end(self, epoch: int, record: Mapping[str, Any]) -> None:
+        progress = self.reporter._progress
+        if progress is not None and self._epochs_task is not None:
+            progress.update(self._epochs_task, completed=epoch + 1,
+                            info=f"loss {record['train_loss']:.3f}")
         val = record.get("val", {})
         parts = [f"loss {record['train_loss']:.4f}"]
         for key, value in val.items():
