@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -82,6 +82,8 @@ def dump(value: Any) -> Any:
         return {k: dump(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [dump(v) for v in value]
+    if isinstance(value, Path):  # e.g. a manifest path: config.yaml must stay plain, safe YAML
+        return str(value)
     return value
 
 
@@ -190,13 +192,13 @@ class _Validator:
         try:
             return cls.model_validate(dict(raw))
         except ValidationError as exc:
-            known = list(cls.model_fields)
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
                 sub = f"{path}.{loc}" if loc else path
                 msg = err["msg"]
                 if err["type"] == "extra_forbidden":
                     name = str(err["loc"][-1])
+                    known = _keys_at(cls, err["loc"][:-1])
                     msg = f"unknown key '{name}'.{did_you_mean(name, known)} Valid keys: {', '.join(known)}."
                 elif "input" in err and err["type"] not in ("missing",):
                     msg = f"{msg} (got {err['input']!r})"
@@ -214,6 +216,10 @@ class _Validator:
         name = raw.get("kind")
         if name is None:
             self.problem(path, f"missing 'kind'. Known {kind}s: {', '.join(registry.names())}.")
+            return None
+        if not isinstance(name, str):  # e.g. `kind: []` or `kind: 3`
+            self.problem(f"{path}.kind", f"must be the name of a {kind} (got {name!r}). "
+                                         f"Known {kind}s: {', '.join(registry.names()) or 'none'}.")
             return None
         if name not in registry:
             self.problem(f"{path}.kind", f"unknown {kind} '{name}'.{did_you_mean(name, registry.names())} "
@@ -243,6 +249,20 @@ class _Validator:
             else:
                 updates[fname] = self.component(sub_kind, sub_raw, f"{path}.{fname}")
         return params.model_copy(update=updates) if updates else params
+
+
+def _keys_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys of the model that ``loc`` points into (``training.optimizer`` -> the optimizer's)."""
+    for part in loc:
+        info = cls.model_fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            continue  # a list index: stay with the model of the list's items
+        inner = [t for t in (info.annotation, *get_args(info.annotation))
+                 if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not inner:
+            break
+        cls = inner[0]
+    return list(cls.model_fields)
 
 
 def validate_config(data: Mapping[str, Any], registries: Registries, file: str = "<config>",

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Params, Task
@@ -85,6 +85,14 @@ class SplitParams(Params):
     seed: int = 0
     #: labeled items left out of training (when p < 1 - val - test) join the unlabeled pool, labels dropped
     unused_to_unlabeled: bool = True
+
+    @field_validator("val", "test", "train_fraction", mode="before")
+    @classmethod
+    def _not_a_percentage(cls, value: Any) -> Any:
+        # The paper speaks of p = 70%; the config takes fractions. Say so rather than "<= 1".
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 1 < value <= 100:
+            raise ValueError(f"must be a fraction in (0, 1], not a percentage: write {value / 100:g} for {value:g}%")
+        return value
 
     @model_validator(mode="after")
     def _fits(self) -> "SplitParams":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -61,3 +61,39 @@ def summary_rows(metrics_by_model: Mapping[str, Mapping[str, Any]], tasks: Mappi
             row.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}")
         rows.append(row)
     return header, rows
+
+
+def evaluate_checkpoints(models: Sequence[tuple[str, Any]], data: Any, split: str, registries: Any,
+                         device: torch.device, batch_size: int = 256,
+                         group_by: str | None = None) -> tuple[dict[str, Any], dict[str, Task]]:
+    """Metrics of model files on one split of re-created data (``distillkit eval``).
+
+    ``models`` is ``(label, path)`` pairs and ``data`` a :class:`distillkit.data_spec.LoadedData`.
+    Each model's labels are encoded with its *own* tasks (class lists and vocabulary from its
+    checkpoint), so the numbers equal those of the run's evaluate stage on the same split.
+    Returns ``{label: metrics}`` and every task seen (for :func:`summary_rows`).
+    """
+    from distillkit.errors import DistillkitError
+    from distillkit.models import load_model
+    from distillkit.training import evaluate
+
+    if split == "unlabeled":
+        raise DistillkitError("the unlabeled split has no labels to evaluate against.", where="--split")
+    results: dict[str, Any] = {}
+    all_tasks: dict[str, Task] = {}
+    for label, path in models:
+        loaded = load_model(path, registries, device)
+        rows = data.split(split, loaded.tasks)
+        if not len(rows):
+            raise DistillkitError(f"the {split} split is empty.", where=data.where)
+        metrics = evaluate(loaded.model, loaded.tasks, rows, batch_size, device)
+        if group_by:
+            if group_by not in loaded.tasks:
+                raise DistillkitError(f"model {label} has no task '{group_by}' to group by "
+                                      f"(tasks: {', '.join(loaded.tasks)}).", where="--group-by")
+            metrics["by_group"] = evaluate_grouped(loaded.model, loaded.tasks, rows, group_by,
+                                                   loaded.tasks[group_by], batch_size, device)
+        results[label] = metrics
+        for name, task in loaded.tasks.items():
+            all_tasks.setdefault(name, task)
+    return results, all_tasks

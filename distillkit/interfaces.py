@@ -166,6 +166,9 @@ class Teacher:
     tasks: frozenset[str]
     scores: dict[str, float] = field(default_factory=dict)
     checksum: str = ""
+    #: what each task learned from its training labels (:meth:`Task.state`: class list,
+    #: vocabulary); a teacher's outputs line up with a student's only when these match
+    task_states: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Eval mode fixes BatchNorm statistics and dropout; no parameter ever gets a gradient.

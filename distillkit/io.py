@@ -38,6 +38,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files of atomic writes that a killed process left under ``folder``.
+
+    Call it only while holding the folder's lock: a live writer's temporary looks the same.
+    Returns how many were removed.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):  # mkstemp(prefix=".<name>.", suffix=".tmp")
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

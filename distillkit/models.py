@@ -85,4 +85,4 @@ def init_from(model: Student, path: str | Path, where: str) -> None:
 
 def as_teacher(loaded: LoadedModel, name: str, scores: Mapping[str, float] | None = None) -> Teacher:
     return Teacher(name=name, model=loaded.model, tasks=frozenset(loaded.tasks), scores=dict(scores or {}),
-                   checksum=loaded.checksum)
+                   checksum=loaded.checksum, task_states={n: t.state() for n, t in loaded.tasks.items()})

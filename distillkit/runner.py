@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    config.yaml          the resolved config (every default filled in)
+    config.yaml          the resolved config (every default filled in) of the last run that finished
     run.json             where the config came from (relative data paths resolve there)
     plan.json            stages in order with their keys
     stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
@@ -37,7 +37,7 @@ from distillkit.config import RunConfig, dump
 from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.evaluation import summary_rows
-from distillkit.io import atomic_write_text, read_json, write_json
+from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.progress import Reporter
 from distillkit.registry import Registries
 from distillkit.stages import Stage, StageContext, StageResult
@@ -226,19 +226,18 @@ class Runner(StageContext):
         except OSError as exc:
             raise DistillkitError(f"cannot create the run directory {self.run_dir}: {exc.strerror}.", where="--out") from None
         with RunLock(self.run_dir):
+            remove_stale_temporaries(self.run_dir)  # left by a run killed mid-write
             return self._run(only)
 
     def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
         self.device = resolve_device(self.config.device)
         self.prepare_data()
         planned = plan(self.config, self.registries, self.data_fingerprint)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
-        write_json(self.run_dir / "plan.json", [{"name": p.name, "key": p.key, "deps": p.deps,
-                                                 "description": p.description} for p in planned])
-        # Relative paths in config.yaml (e.g. a manifest) resolve against this folder.
-        write_json(self.run_dir / "run.json", {"config_file": str(Path(self.config.file).resolve()),
-                                               "base_dir": str(self.config.base_dir.resolve()),
-                                               "data_fingerprint": self.data_fingerprint})
+        # config.yaml, plan.json and run.json describe the results in this folder: a new run
+        # writes them at once, a run over earlier results only when all its stages are done,
+        # so a failed run never replaces the description of an earlier good one.
+        if not (self.run_dir / "config.yaml").exists():
+            self._write_description(planned)
         self.reporter.message(f"device: {self.device}; run directory: {self.run_dir}")
         stages_dir = self.run_dir / "stages"
         for i, step in enumerate(planned, 1):
@@ -257,29 +256,43 @@ class Runner(StageContext):
             self.reporter.stage_start(i, len(planned), step.name, step.description)
             started = time.perf_counter()
             result = step.stage.run(self, work)
-            result = self._relocate(result, work, final)
-            write_json(final / "stage.json", {"format": STAGE_FORMAT, "key": step.key, "status": "done",
-                                              "seconds": time.perf_counter() - started, "result": result.to_json()})
+            result = self._relocate(result, work, final, step.key, time.perf_counter() - started)
             self._results[step.name] = result
             self._write_metrics(planned)
             self.reporter.stage_end(step.name, time.perf_counter() - started)
+        self._write_description(planned)
         summary = self._write_metrics(planned)
         self._show_summary(planned)
         return summary
 
-    def _relocate(self, result: StageResult, work: Path, final: Path) -> StageResult:
-        """Move a finished stage's folder into place, keeping the previous one until then."""
+    def _write_description(self, planned: list[PlannedStage]) -> None:
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
+        write_json(self.run_dir / "plan.json", [{"name": p.name, "key": p.key, "deps": p.deps,
+                                                 "description": p.description} for p in planned])
+        # Relative paths in config.yaml (e.g. a manifest) resolve against this folder.
+        write_json(self.run_dir / "run.json", {"config_file": str(Path(self.config.file).resolve()),
+                                               "base_dir": str(self.config.base_dir.resolve()),
+                                               "data_fingerprint": self.data_fingerprint})
+
+    def _relocate(self, result: StageResult, work: Path, final: Path, key: str, seconds: float) -> StageResult:
+        """Move a finished stage's folder into place, keeping the previous one until then.
+
+        ``stage.json`` is written before the move, so a stage folder in place always holds
+        its marker; a crash between the two renames leaves the work folder, which resumes.
+        """
+        prefix = str(work.relative_to(self.run_dir))
+        target = str(final.relative_to(self.run_dir))
+        for model in result.models:
+            if model.path.startswith(prefix):
+                model.path = target + model.path[len(prefix):]
+        write_json(work / "stage.json", {"format": STAGE_FORMAT, "key": key, "status": "done",
+                                         "seconds": seconds, "result": result.to_json()})
         previous = final.parent / ".previous" / final.name
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
             previous.parent.mkdir(parents=True, exist_ok=True)
             os.replace(final, previous)
         os.replace(work, final)
-        prefix = str(work.relative_to(self.run_dir))
-        target = str(final.relative_to(self.run_dir))
-        for model in result.models:
-            if model.path.startswith(prefix):
-                model.path = target + model.path[len(prefix):]
         return result
 
     def _write_metrics(self, planned: list[PlannedStage]) -> dict[str, Any]:

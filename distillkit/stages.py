@@ -174,6 +174,22 @@ def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[s
             "alpha": params.alpha if use_labels else 1.0, "tau": tau}
 
 
+def _check_task_states(teachers: Sequence[Teacher], tasks: Mapping[str, Task], where: str) -> None:
+    """A teacher fitted on other labels (a checkpoint from another data set) has outputs over
+    other classes or words than the student's: refuse it by name rather than fail on shapes."""
+    for teacher in teachers:
+        for name in sorted(teacher.tasks & set(tasks)):
+            theirs, ours = teacher.task_states.get(name), tasks[name].state()
+            if theirs is None or theirs == ours:
+                continue
+            key = next(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            a, b = theirs.get(key), ours.get(key)
+            detail = (f"its {key}: {len(a)} entries, this run's: {len(b)}" if isinstance(a, list) and isinstance(b, list)
+                      and len(a) != len(b) else f"its {key} differ from this run's")
+            raise DistillkitError(f"teacher '{teacher.name}' learned task '{name}' from other labels than this run "
+                                  f"({detail}), so its outputs do not match the student's.", where=where)
+
+
 def _default_loss() -> dict[str, Any]:
     return {"kind": "kd"}
 
@@ -322,6 +338,7 @@ class DistillStage(Stage):
             teachers.append(source.load(ctx.registries, ctx.device, ctx.config.base_dir))
         if not teachers:
             raise DistillkitError(f"stage '{self.name}' has no teachers.", where=f"stages.{self.name}.teachers")
+        _check_task_states(teachers, ctx.tasks, where=f"stages.{self.name}")
         record, metrics = _train_one(ctx, self.name, self.name, self.task_names(list(ctx.tasks)), self.params,
                                      workdir, self.params.init, teachers=teachers)
         return StageResult([record], {split: {record.label: m} for split, m in metrics.items()})

@@ -203,6 +203,11 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         state = meta["loop"]
+        # The checkpoint, not the log, is the record: a crash between writing the two loses
+        # or repeats a log line, so the log is rewritten from the checkpoint's history.
+        log_path.unlink(missing_ok=True)
+        for record in state["history"]:
+            append_jsonl(log_path, record)
 
     steps = math.ceil(len(train) / params.batch_size)
     # A run that already stopped early stays stopped: resuming it must not train on.
@@ -237,9 +242,17 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             callbacks.on_step()
         if scheduler is not None:
             scheduler.step()
-        if int(nan_step) >= 0:  # one synchronisation per epoch
+        # A finite loss can still come with an update that overflowed the weights: those must
+        # not be saved below as the "last good checkpoint". (Two synchronisations per epoch.)
+        weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                                      if t.is_floating_point()]).all()
+        what = "loss"
+        if int(nan_step) < 0 and not bool(weights_finite):
+            what = "weights"
+            nan_step.fill_(max(steps - 1, 0))  # only the epoch's last update can have done it
+        if int(nan_step) >= 0:
             raise DistillkitError(
-                f"the loss became NaN or infinite in stage '{stage}' at epoch {epoch}, step {int(nan_step)}; "
+                f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {int(nan_step)}; "
                 f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
                 "was kept.", where=str(workdir),
                 hint="Lower the learning rate, or check the inputs and labels for invalid values.")

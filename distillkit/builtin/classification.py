@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +16,7 @@ from distillkit.interfaces import MetricAccumulator, Params, Task
 from distillkit.losses import kl_rows, tempered_probs
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 class ClassificationParams(Params):
@@ -55,6 +57,7 @@ class ClassificationTask(Task):
     def encode(self, labels: Sequence[str | None], where: str = "") -> dict[str, Tensor]:
         y = torch.zeros(len(labels), dtype=torch.long)
         present = torch.zeros(len(labels), dtype=torch.bool)
+        unknown: list[str] = []
         for i, v in enumerate(labels):
             if v is None:
                 continue
@@ -64,9 +67,16 @@ class ClassificationTask(Task):
                     raise DistillkitError(
                         f"row {i}: label '{v}' of task '{self.name}' is not in the training class list."
                         f"{did_you_mean(v, self.classes)}", where=where or None)
+                unknown.append(v)
                 continue
             y[i] = j
             present[i] = True
+        if unknown:  # skipped, but never silently: the split's metrics count fewer rows
+            n = len(unknown)
+            log.warning("%s%d label%s of task '%s' %s not in the training class list (%d classes) and %s counted "
+                        "as missing (e.g. '%s'); set unknown_labels: error to stop instead.",
+                        f"{where}: " if where else "", n, "s" if n > 1 else "", self.name, "are" if n > 1 else "is",
+                        len(self.classes), "were" if n > 1 else "was", unknown[0])
         return {"y": y, "present": present}
 
     def state(self) -> dict[str, Any]:

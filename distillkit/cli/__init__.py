@@ -7,6 +7,7 @@ with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -49,11 +50,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _add_builtin_commands() -> None:
-    from distillkit.cli import plugins_cmd, run, validate
+    from distillkit.cli import eval_cmd, plugins_cmd, report_cmd, run, validate
 
     cli.add_command(run.run)
     cli.add_command(validate.validate)
     cli.add_command(plugins_cmd.plugins)
+    cli.add_command(eval_cmd.eval_command)
+    cli.add_command(report_cmd.report)
 
 
 def _add_plugin_commands() -> None:
@@ -74,7 +77,16 @@ def _add_plugin_commands() -> None:
 _add_builtin_commands()
 
 
+class _WarningLines(logging.Handler):
+    """Logged warnings (counted conversions, skipped labels) as ``warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
+
+
 def main() -> None:
+    if not logging.getLogger().handlers:  # an embedding program's own logging set-up wins
+        logging.getLogger().addHandler(_WarningLines(logging.WARNING))
     _add_plugin_commands()
     cli(prog_name="distillkit")
 

@@ -13,6 +13,7 @@ every loss and never scored by BLEU.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Literal, Mapping, Sequence
 
@@ -27,6 +28,7 @@ from distillkit.losses import kl_rows, tempered_probs
 from eye_fundus.bleu import EOS_TOKEN, PAD_TOKEN, SOS_TOKEN, UNK_TOKEN, corpus_bleu, sentence_bleu_average, strip_special
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = (PAD_TOKEN, SOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -138,13 +140,21 @@ class CaptionTask(Task):
         self._require_fit()
         tokens = torch.full((len(labels), self.params.max_length + 2), PAD, dtype=torch.long)
         present = torch.zeros(len(labels), dtype=torch.bool)
+        truncated = 0
         for i, text in enumerate(labels):
-            words = tokenize(text)[: self.params.max_length] if text is not None else []
+            words = tokenize(text) if text is not None else []
+            if len(words) > self.params.max_length:
+                truncated += 1
+                words = words[: self.params.max_length]
             if not words:  # an empty diagnosis teaches nothing but "stop at once"
                 continue
             ids = [SOS, *(self._index.get(w, UNK) for w in words), EOS]
             tokens[i, : len(ids)] = torch.tensor(ids)
             present[i] = True
+        if truncated:
+            log.warning("%s%d of %d captions of task '%s' %s longer than %d words (max_length) and %s truncated.",
+                        f"{where}: " if where else "", truncated, len(labels), self.name,
+                        "is" if truncated == 1 else "are", self.params.max_length, "was" if truncated == 1 else "were")
         return {"tokens": tokens, "present": present}
 
     def decode_text(self, tokens: Tensor | Sequence[Sequence[int]]) -> list[str]:

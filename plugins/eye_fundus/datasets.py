@@ -211,7 +211,7 @@ class ManifestSource(DatasetSource):
         store = load_image_store(rows.images, self.params.image_size, Path(self.context.cache_dir) / "image_store",
                                  where=str(rows.path), row_names=[rows.where(i) for i in range(len(rows))],
                                  on_bad_image=self.params.on_bad_image)
-        self.warnings = list(store.warnings)
+        self.warnings = list(rows.notes) + list(store.warnings)
         if rows.filtered_out:
             self.warnings.append(f"{rows.filtered_out} rows of {rows.path} were left out by include_splits.")
         for message in self.warnings:

@@ -198,7 +198,7 @@ def load_image_store(paths: Sequence[Path], image_size: int, cache_dir: Path, wh
     if bad and on_bad_image == "error":
         # A store built under "skip" records its bad images: report them without decoding.
         i = min(bad)
-        raise DistillkitError(f"cannot read image {paths[i]}: {bad[i]}", where=row_names[i],
+        raise DistillkitError(f"cannot read image {paths[i]}: {bad[i].rstrip('.')}.", where=row_names[i],
                               hint=_skip_hint(len(bad)))
     for note, (count, example) in meta["notes"].items():
         warnings.append(f"{count} of {len(paths)} images were {note} and were converted to 8-bit RGB "
@@ -255,7 +255,7 @@ def _build_store(paths, image_size, store_path, meta_path, shape, row_names, on_
                 for i, (note, reason) in enumerate(pool.map(decode_into, range(len(paths)))):
                     if reason is not None:
                         if on_bad_image == "error":
-                            raise DistillkitError(f"cannot read image {paths[i]}: {reason}",
+                            raise DistillkitError(f"cannot read image {paths[i]}: {reason.rstrip('.')}.",
                                                   where=row_names[i], hint=_skip_hint(1))
                         bad.append((i, reason))  # its row stays black; `kept` hides it
                     elif note is not None:

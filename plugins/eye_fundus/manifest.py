@@ -81,6 +81,8 @@ class ManifestRows:
     content_hash: str
     #: rows dropped by ``include_splits``
     filtered_out: int = 0
+    #: counted notes about accepted oddities (e.g. a patient in two suggested splits)
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -137,6 +139,7 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                         hashlib.sha256(raw).hexdigest())
     pool: list[bool] = []
     first_line: dict[str, int] = {}  # normalised image path -> line that listed it first
+    suggested: dict[str, set[str]] = {}  # patient -> its rows' split values (pool rows aside)
     for record in records:
         line = reader.line_num
         if not any(cell.strip() for cell in record):
@@ -147,6 +150,9 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                                   where=where, hint="Quote cells that contain commas, e.g. \"cataract, drusen\".")
         cell = lambda column: record[position[column]].strip()  # noqa: E731
         split = (cell(columns.split) or None) if columns.split else None
+        patient = cell(columns.patient_id) if columns.patient_id else ""
+        if patient and split and split.lower() != UNLABELED_SPLIT:
+            suggested.setdefault(patient, set()).add(split.lower())
         if include is not None and (split or "").lower() not in include:
             rows.filtered_out += 1
             continue
@@ -163,7 +169,6 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
         unlabeled = (split or "").lower() == UNLABELED_SPLIT or all(v is None for v in values.values())
         for f, v in values.items():
             rows.labels[f].append(None if unlabeled else v)
-        patient = cell(columns.patient_id) if columns.patient_id else ""
         rows.images.append(image)
         rows.names.append(name)
         rows.lines.append(line)
@@ -177,6 +182,15 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                                   f"'{columns.split}' ({rows.filtered_out} rows dropped).", where=str(path))
         raise DistillkitError("the manifest has a header but no rows.", where=str(path))
     rows.pool = np.asarray(pool, dtype=bool)
+    # Accepted: distillkit splits by patient itself and reads the split column only for
+    # include_splits and the pool. But such a column is no patient-level split: say so.
+    mixed = sorted(p for p, values in suggested.items() if len(values) > 1)
+    if mixed:
+        n = len(mixed)
+        rows.notes.append(f"{n} patient{'s' if n > 1 else ''} of {path} {'have' if n > 1 else 'has'} rows in more "
+                          f"than one suggested split (column '{columns.split}'), e.g. '{mixed[0]}' in "
+                          f"{', '.join(sorted(suggested[mixed[0]]))}; distillkit keeps each patient in one split "
+                          "of its own, so this column serves only include_splits and the unlabeled pool.")
     return rows
 
 
