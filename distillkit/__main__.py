@@ -1,0 +1,5 @@
+"""``python -m distillkit``: the same as the ``distillkit`` command."""
+
+from distillkit.cli import main
+
+main()
