@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distillkit.data import SplitData, iterate_batches
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.io import atomic_write_bytes, atomic_write_text, write_json
 from distillkit.registry import Registries
 from distillkit.rundir import RunDirectory
@@ -138,12 +138,21 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
             plots.learning_curves_figure(logs))
 
     # -- re-running the models on the run's data ----------------------------------------------
+    if use_data and stage is not None and gradcam_models:
+        known = [e.label for s in run.stage_names() if run.stage_kind(s) != "evaluate" and run.stage_record(s)
+                 for e in run.models([s])]
+        for label in gradcam_models:
+            if label not in known:
+                raise DistillkitError(f"the run has no model '{label}'.{did_you_mean(label, known)} "
+                                      f"Models: {', '.join(known)}.", where="--gradcam-model")
     if use_data and stage is not None:
         try:
             _model_figures(run, registries, report, add, plots, split, group_task, images_per_class,
                            gradcam_models, torch.device(device), warn)
         except DistillkitError as exc:
-            note(f"Top-K curves and Grad-CAM maps are missing: the run's data could not be re-created ({exc}).")
+            # e.g. the data moved since the run: the page still shows what the run directory holds
+            note(f"Top-K curves and Grad-CAM maps are missing: the models could not be re-run on the run's "
+                 f"data ({exc}).")
             if warn:
                 warn(f"warning: {exc}")
     elif not use_data:
@@ -181,21 +190,19 @@ def _model_figures(run: RunDirectory, registries: Registries, report: Report, ad
 
     # Grad-CAM of a few images per group, for every task and the chosen models.
     chosen = list(gradcam_models) if gradcam_models else list(dict.fromkeys([evaluated[0], evaluated[-1]]))
-    unknown = [m for m in chosen if m not in loaded]
+    unknown = [m for m in chosen if m not in loaded]  # checked by build_report: each is some stage's model
     if unknown:
         every = {e.label: e for s in run.stage_names() if run.stage_kind(s) != "evaluate" and run.stage_record(s)
                  for e in run.models([s])}
         for label in unknown:
-            if label not in every:
-                raise DistillkitError(f"the run has no model '{label}' (models: {', '.join(every)}).",
-                                      where="--gradcam-model")
             loaded[label] = load_model(every[label].path, registries, device)
     first = loaded[chosen[0]]
     rows = data.split(split, first.tasks)
     if rows.inputs.dim() != 4 or rows.inputs.shape[1] not in (1, 3):
         report.notes.append(f"No Grad-CAM maps: the inputs are not images (shape {tuple(rows.inputs.shape[1:])}).")
         return
-    picked = _pick_rows(rows, first.tasks, group_task, images_per_class)
+    patients = [data.dataset.groups[i] for i in rows.indices]
+    picked = _pick_rows(rows, first.tasks, group_task, images_per_class, patients)
     images = rows.inputs[torch.as_tensor(picked)]
     tasks = [t for t in first.tasks if all(t in loaded[m].tasks for m in chosen)]
     truths = {t: [rows.raw_labels[first.tasks[t].field][i] for i in picked] for t in tasks}
@@ -252,16 +259,23 @@ def _topk_by_group(probs: torch.Tensor, rows: SplitData, task: str, tasks: Mappi
     return {name: hits[mask].mean(0).tolist() for name, mask in groups.items() if bool(mask.any())}
 
 
-def _pick_rows(rows: SplitData, tasks: Mapping[str, Any], group_task: str | None, per_class: int) -> list[int]:
-    """The first ``per_class`` rows of each true class of the grouping task, in split order."""
+def _pick_rows(rows: SplitData, tasks: Mapping[str, Any], group_task: str | None, per_class: int,
+               patients: Sequence[str]) -> list[int]:
+    """Up to ``per_class`` rows of each true class of the grouping task, in split order, from
+    different patients where possible (two eyes of one patient show little new)."""
     if group_task and group_task in rows.targets:
         g = rows.targets[group_task]
-        picked = []
-        for i in range(len(tasks[group_task].classes)):
-            picked += torch.nonzero(g["present"] & (g["y"] == i)).flatten()[:per_class].tolist()
-        if picked:
-            return picked
-    return list(range(min(len(rows), 4 * per_class)))
+        candidates = [torch.nonzero(g["present"] & (g["y"] == i)).flatten().tolist()
+                      for i in range(len(tasks[group_task].classes))]
+    else:
+        candidates = [list(range(len(rows)))]
+        per_class *= 4
+    picked: list[int] = []
+    for rows_of_class in candidates:
+        seen: set[str] = set()
+        first = [i for i in rows_of_class if not (patients[i] in seen or seen.add(patients[i]))][:per_class]
+        picked += first + [i for i in rows_of_class if i not in first][:per_class - len(first)]
+    return picked
 
 
 def _explain(model, tasks: Sequence[str], images: torch.Tensor) -> dict[str, dict[str, Any]]:
@@ -328,8 +342,9 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #d0
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.92em; }
 th, td { border: 1px solid #d0d7de; padding: 4px 10px; } th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 12px 0 28px; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
-figcaption { color: #57606a; font-size: 0.9em; margin-top: 4px; max-width: 1000px; }
+.figures { display: flex; flex-wrap: wrap; gap: 8px 24px; align-items: flex-start; }
+figure { margin: 12px 0 20px; max-width: 100%; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
+figcaption { color: #57606a; font-size: 0.9em; margin-top: 4px; max-width: 560px; }
 """
 
 
@@ -366,15 +381,17 @@ def _write(report: Report, run: RunDirectory, summary: Mapping[str, Any] | None,
         seconds = f"{record['seconds']:.1f}" if record and "seconds" in record else "not finished"
         stages.append([name, descriptions.get(name, ""), seconds])
     parts.append("<h2>Stages</h2>" + _table(["stage", "what", "seconds"], stages))
-    section = None
+    sections: dict[str, list[ReportFigure]] = {}
     for fig in report.figures:
-        if fig.section != section:
-            section = fig.section
-            parts.append(f"<h2>{html.escape(section)}</h2>")
-        data = base64.b64encode(fig.png).decode("ascii")
-        parts.append(f"<figure id=\"{fig.name}\"><img src=\"data:image/png;base64,{data}\" "
-                     f"alt=\"{html.escape(fig.caption)}\"><figcaption>{html.escape(fig.caption)} "
-                     f"(<a href=\"{fig.name}.png\">{fig.name}.png</a>)</figcaption></figure>")
+        sections.setdefault(fig.section, []).append(fig)
+    for section, figures in sections.items():
+        parts.append(f"<h2>{html.escape(section)}</h2><div class=\"figures\">")
+        for fig in figures:  # side by side where the window is wide enough
+            data = base64.b64encode(fig.png).decode("ascii")
+            parts.append(f"<figure id=\"{fig.name}\"><img src=\"data:image/png;base64,{data}\" "
+                         f"alt=\"{html.escape(fig.caption)}\"><figcaption>{html.escape(fig.caption)} "
+                         f"(<a href=\"{fig.name}.png\">{fig.name}.png</a>)</figcaption></figure>")
+        parts.append("</div>")
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -56,6 +56,7 @@ def run_eval(model: Path, spec: Any, split: str, *, stages: Sequence[str] = (), 
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from distillkit.errors import DistillkitError
@@ -87,11 +88,11 @@ def run_eval(model: Path, spec: Any, split: str, *, stages: Sequence[str] = (), 
                                           group_by)
     header, rows = summary_rows(results, tasks)
     to_stdout = json_out is not None and str(json_out) == "-"
-    table = Table(title=f"{split} split of {data.where} ({len(data.rows(split))} items)")
+    table = Table(title=escape(f"{split} split of {data.where} ({len(data.rows(split))} items)"))
     for i, title in enumerate(header):
-        table.add_column(title, justify="left" if i == 0 else "right")
+        table.add_column(escape(title), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # labels like teachers[broad] are not markup
     Console(stderr=to_stdout).print(table)
     report = {"split": split, "data": data.where, "data_fingerprint": data.fingerprint,
               "models": {label: str(path) for label, path in models}, "metrics": results}
