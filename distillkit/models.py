@@ -20,13 +20,21 @@ def build_student(student_params: Any, tasks: Mapping[str, Task], registries: Re
     return cls.build(student_params, dict(tasks), registries)
 
 
-def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str) -> dict[str, Any]:
-    """What a model file must carry to be usable alone (predict, eval, as a teacher)."""
-    return {
+def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str,
+               inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """What a model file must carry to be usable alone (predict, eval, as a teacher).
+
+    ``inputs`` (a batch or a split's input tensor) records the shape and dtype of one input
+    row, e.g. ``[3, 64, 64]`` ``uint8`` for images, so that tools can prepare new inputs alike.
+    """
+    meta: dict[str, Any] = {
         "stage": stage,
         "student": dump(student_params),
         "tasks": {name: {"params": dump(task.params), "state": task.state()} for name, task in tasks.items()},
     }
+    if inputs is not None:
+        meta["inputs"] = {"shape": list(inputs.shape[1:]), "dtype": str(inputs.dtype).replace("torch.", "")}
+    return meta
 
 
 @dataclass

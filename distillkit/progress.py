@@ -48,7 +48,7 @@ class Reporter:
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i == 0 else "right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(str(cell)) for cell in row))
         Console(file=sys.stdout).print(table)
 
     def callbacks(self, label: str) -> "StageCallbacks":

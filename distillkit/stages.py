@@ -128,7 +128,7 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
     model.to(ctx.device)
     loss_fn = ctx.registries.loss.get(params.loss.kind)(params.loss)
     training = params.training
-    meta = model_meta(ctx.config.student, tasks, stage)
+    meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs)
     kw: dict[str, Any] = {}
     train_split = ctx.splits["train"]
     if teachers is not None:

@@ -163,17 +163,22 @@ def test_predict_json_from_the_checkpoint_alone(eye, tmp_path):
     assert text.output.splitlines()[0] == str(paths[0]) and "  text  " in text.output
 
 
-def test_predict_image_size_comes_from_the_run_or_the_default(eye, tmp_path):
+def test_predict_image_size_comes_from_the_checkpoint_the_run_or_the_default(eye, tmp_path):
+    from distillkit.checkpoint import load_model_state
     from eye_fundus.predict import DEFAULT_IMAGE_SIZE, image_size_for
 
     checkpoint = eye / "stages" / "m1" / "model.safetensors"
-    assert image_size_for(checkpoint, {}) == (32, str(eye.resolve() / "config.yaml"))
+    _, meta = load_model_state(checkpoint)
+    assert meta["inputs"] == {"shape": [3, 32, 32], "dtype": "uint8"}
     alone = tmp_path / "alone.safetensors"
     shutil.copy(checkpoint, alone)
+    assert image_size_for(alone, meta) == (32, "the checkpoint")  # the file alone is enough
+    # older files without the input shape: the run's config, else the default
+    assert image_size_for(checkpoint, {}) == (32, str(eye.resolve() / "config.yaml"))
     assert image_size_for(alone, {})[0] == DEFAULT_IMAGE_SIZE
     paths, _, _ = _test_images(eye, tmp_path / "images", 1)
     result = invoke("predict", alone, paths[0])
-    assert result.exit_code == 0 and f"using {DEFAULT_IMAGE_SIZE} px" in result.output
+    assert result.exit_code == 0 and "using" not in result.output
 
 
 def test_predict_user_errors_exit_2(eye, tmp_path):

@@ -3,7 +3,7 @@
 Images are decoded exactly as the training data was (:func:`eye_fundus.image_store.decode_image`:
 aspect kept, resized so the long side is S, centred on black), at the size the model was
 trained on. That size is not stored in model files; it is taken, in this order, from a
-future ``image_size`` entry of the checkpoint's metadata, from the ``data.image_size`` of
+input shape recorded in the checkpoint's metadata, from the ``data.image_size`` of
 the run directory the checkpoint lies in, else :data:`DEFAULT_IMAGE_SIZE`.
 
 The output is generic over the checkpoint's tasks: a task whose prediction holds ``probs``
@@ -31,7 +31,8 @@ def image_size_for(checkpoint: Path, meta: dict[str, Any]) -> tuple[int, str]:
     """The image side the model behind ``checkpoint`` was trained on, and where it came from."""
     from distillkit.rundir import find_run_dir
 
-    size = meta.get("image_size") or (meta.get("data") or {}).get("image_size")
+    shape = (meta.get("inputs") or {}).get("shape") or []
+    size = shape[-1] if len(shape) == 3 else None  # (channels, height, width) of the training images
     if size:
         return int(size), "the checkpoint"
     run = find_run_dir(checkpoint)

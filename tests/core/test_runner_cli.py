@@ -37,6 +37,9 @@ def test_run_writes_run_directory_and_rerun_skips(tmp_path, runner):
     acc = metrics["report"]["test"]["m1"]["cluster"]["accuracy"]
     assert 0.5 < acc <= 1.0  # 4 clusters: well above chance after 3 epochs
     assert (out / "stages" / "m1" / "model.safetensors").exists()
+    _, meta = load_model_state(out / "stages" / "m1" / "model.safetensors")
+    assert meta["inputs"] == {"shape": [8], "dtype": "float32"}
+    assert meta["tasks"]["cluster"]["state"]["classes"] == ["c0", "c1", "c2", "c3"]
     assert len(list((out / "stages" / "teachers").glob("*/model.safetensors"))) == 2
     assert (out / "config.yaml").exists() and (out / "summary.json").exists()
     summary = json.loads((out / "summary.json").read_text())
