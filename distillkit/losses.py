@@ -64,9 +64,9 @@ class KDLoss(Loss):
             if targets is not None:
                 target = targets[name]
                 ce = task.hard_loss(z, target)
-                present = target["present"].to(ce.dtype)
-                denom = present.sum().clamp_min(1.0) if self.params.normalize_by_present else float(len(ce))
-                hard = (ce * present).sum() / denom
+                present = target["present"]
+                denom = present.sum().clamp_min(1) if self.params.normalize_by_present else len(ce)
+                hard = (ce * present).sum() / denom  # bool * float promotes: no cast needed
                 term = hard if soft is None else (1.0 - alpha) * hard
             if soft is not None:
                 t = float(tau[name])
@@ -75,6 +75,6 @@ class KDLoss(Loss):
                 term = soft_term if targets is None else term + alpha * soft_term
             assert term is not None, "a loss needs labels, soft targets or both"
             parts[name] = term.detach()
-            weighted = task.weight * term
+            weighted = term if task.weight == 1.0 else task.weight * term
             total = weighted if total is None else total + weighted
         return total, parts

@@ -215,11 +215,10 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     for epoch in range(first_epoch, params.epochs):
         model.train()
         callbacks.on_epoch_start(epoch, params.epochs, steps)
-        # Sums stay on the device: no host synchronisation inside the step.
-        loss_sum = torch.zeros((), device=device)
-        nan_step = torch.full((), -1, dtype=torch.long, device=device)
-        part_sums: dict[str, Tensor] = {}
-        rows = 0
+        # Each step's loss and per-task parts go into a device buffer (one copy per step, no
+        # host synchronisation); the epoch's sums and any NaN step are read once, at its end.
+        step_losses = torch.zeros(steps, 1 + len(tasks), device=device)
+        step_rows: list[int] = []
         for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                                      device=device, tasks=list(tasks) if use_labels else None)):
             targets = batch.targets if use_labels else None
@@ -232,13 +231,8 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             if params.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
             optimizer.step()
-            n = len(batch.index)
-            d = loss.detach()
-            nan_step = torch.where((nan_step < 0) & ~torch.isfinite(d), torch.tensor(step, device=device), nan_step)
-            loss_sum += d * n
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0) + v * n
-            rows += n
+            step_losses[step] = torch.stack([loss.detach(), *(parts[t] for t in tasks)])
+            step_rows.append(len(batch.index))
             callbacks.on_step()
         if scheduler is not None:
             scheduler.step()
@@ -246,21 +240,26 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         # not be saved below as the "last good checkpoint". (Two synchronisations per epoch.)
         weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
                                       if t.is_floating_point()]).all()
+        losses = step_losses[:len(step_rows)].cpu()
+        bad_steps = (~torch.isfinite(losses[:, 0])).nonzero()
+        nan_step = int(bad_steps[0]) if len(bad_steps) else -1
         what = "loss"
-        if int(nan_step) < 0 and not bool(weights_finite):
+        if nan_step < 0 and not bool(weights_finite):
             what = "weights"
-            nan_step.fill_(max(steps - 1, 0))  # only the epoch's last update can have done it
-        if int(nan_step) >= 0:
+            nan_step = max(steps - 1, 0)  # only the epoch's last update can have done it
+        if nan_step >= 0:
             raise DistillkitError(
-                f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {int(nan_step)}; "
+                f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {nan_step}; "
                 f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
                 "was kept.", where=str(workdir),
                 hint="Lower the learning rate, or check the inputs and labels for invalid values.")
 
         val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
                                val_soft_targets, tau) if len(val) else {}
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(rows, 1),
-                  "train_parts": {k: float(v) / max(rows, 1) for k, v in part_sums.items()},
+        rows = torch.tensor(step_rows, dtype=losses.dtype)
+        means = (losses * rows[:, None]).sum(0) / max(float(rows.sum()), 1.0)
+        record = {"epoch": epoch, "train_loss": float(means[0]),
+                  "train_parts": {t: float(means[1 + i]) for i, t in enumerate(tasks)},
                   "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
         improved = True
         if metric is not None:
