@@ -31,14 +31,14 @@ def test_main_job_runs_end_to_end(tmp_path, cache_dir, fresh_plugin_manager):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert [row[0] for row in summary["rows"]] == ["m1", "m2", "m3"]
+    assert [row[0] for row in summary["rows"]] == ["m1", "m2_single", "m2", "m3"]
     assert summary["header"] == ["model", "broad accuracy", "fine accuracy", "fine top-5", "text bleu"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["teachers"]["val"]) == 6  # the six proper subsets; M1 is the seventh teacher
     by_group = metrics["report"]["test"]["m3"]["by_group"]
     assert set(by_group) <= {"normal", "DR", "AMD", "glaucoma", "melanoma"}
     caches = list((out / "cache" / "teacher_outputs").glob("*/index.json"))
-    assert len(caches) == 4  # M2 and M3, each for its training split and for validation
+    assert len(caches) == 6  # M2 (single, ensemble) and M3, each for its training split and validation
     # M2 distilled from M1 and the six subset teachers: its cache stores every task's aggregate
     m2_plan = [p for p in json.loads((out / "plan.json").read_text()) if p["name"] == "m2"][0]
     assert "teachers m1, teachers (mean)" in m2_plan["description"]
@@ -51,6 +51,7 @@ def test_m3_reads_no_label_or_caption(tmp_path, cache_dir):
     overrides = TINY + ["stages.teachers.subsets=[[broad]]", "stages.m2.teachers=[m1]"]
     config = load_config(REPO / "plugins" / "eye_fundus" / "m3.yaml", registries, overrides)
     config.stages.pop("report")
+    config.stages.pop("m2_single")
     Runner(config, registries, tmp_path / "a").run()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "stages" / "m3")
