@@ -129,16 +129,23 @@ def test_every_task_of_the_eye_model_including_the_caption():
     from eye_fundus.backbones import SmallCNN, SmallCNNParams
     from eye_fundus.caption import CaptionParams, CaptionTask
 
-    torch.manual_seed(0)
-    broad = ClassificationTask("broad", ClassificationParams(hidden=8))
-    broad.fit(["AMD", "DR", "normal"])
-    text = CaptionTask("text", CaptionParams(vocab_size=20, max_length=6, embedding_dim=8, hidden_dim=16))
-    text.fit(["dot blot haemorrhage", "optic disc cupping", "drusen at the macula"])
-    tasks = {"broad": broad, "text": text}
-    model = Student(SmallCNN(SmallCNNParams(width=4, depth=3)), tasks).eval()
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    maps = {name: gradcam(model, task, images) for name, task in tasks.items()}
-    for cam in maps.values():
-        assert cam.shape == (2, 32, 32) and torch.isfinite(cam).all()
-        assert cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
-    assert not torch.allclose(maps["broad"], maps["text"])
+    # An untrained model can have only negative evidence for a class (Grad-CAM is then 0
+    # everywhere, correctly): try a few initialisations until both tasks show some.
+    for seed in range(5):
+        torch.manual_seed(seed)
+        broad = ClassificationTask("broad", ClassificationParams(hidden=8))
+        broad.fit(["AMD", "DR", "normal"])
+        text = CaptionTask("text", CaptionParams(vocab_size=20, max_length=6, embedding_dim=8, hidden_dim=16))
+        text.fit(["dot blot haemorrhage", "optic disc cupping", "drusen at the macula"])
+        tasks = {"broad": broad, "text": text}
+        model = Student(SmallCNN(SmallCNNParams(width=8, depth=3)), tasks).eval()
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        maps = {name: gradcam(model, task, images) for name, task in tasks.items()}
+        for cam in maps.values():
+            assert cam.shape == (4, 32, 32) and torch.isfinite(cam).all()
+            assert cam.min() >= 0 and cam.max() <= 1
+        if all(cam.max() > 0 for cam in maps.values()):
+            assert not torch.allclose(maps["broad"], maps["text"])
+            break
+    else:
+        pytest.fail("no initialisation gave a non-zero map for both tasks")
