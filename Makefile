@@ -27,9 +27,9 @@ test-all: install
 	$(BIN)/python -m pytest -m "integration or not integration"
 
 bench: install
-	$(BIN)/python benchmarks/loop_overhead.py
-	$(BIN)/python benchmarks/data_pipeline.py
-	$(BIN)/python benchmarks/distillation.py
+	$(BIN)/python -m benchmarks.loop_overhead
+	$(BIN)/python -m benchmarks.data_pipeline
+	$(BIN)/python -m benchmarks.distillation
 
 wheel: install
 	$(BIN)/python -m pip wheel --no-deps -w dist .

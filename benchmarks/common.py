@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from distillkit.config import validate_config
-from distillkit.data import DataContext, SplitParams, prepare_splits
+from distillkit.data import DataContext, prepare_splits
 from distillkit.interfaces import Teacher
 from distillkit.models import build_student
 from distillkit.plugins import PluginManager

@@ -4,7 +4,7 @@ Same model (MLP encoder + two classification heads), same data, same batches, sa
 same optimizer. Rounds alternate between the two loops so that machine noise hits both;
 the ratio of the median per-step times is printed (goal: <= 1.03).
 
-    python benchmarks/loop_overhead.py [--rows 8192] [--rounds 5]
+    python -m benchmarks.loop_overhead [--rows 8192] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import StepTimer
 from distillkit.builtin.classification import ClassificationTask
 from distillkit.builtin.components import MLPEncoder, MultiTaskStudent
 from distillkit.data import SplitParams, hash_seed, prepare_splits
@@ -25,26 +26,6 @@ from distillkit.builtin.toy import ToyBlobs
 from distillkit.data import DataContext
 from distillkit.losses import KDLoss
 from distillkit.training import TrainingParams, fit
-
-
-class StepTimer:
-    """Callbacks that record the time of every step; the first step (warm-up) is dropped."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def on_epoch_start(self, epoch, total, steps):
-        self.stamps = [time.perf_counter()]
-
-    def on_step(self):
-        self.stamps.append(time.perf_counter())
-
-    def on_epoch_end(self, epoch, record):
-        pass
-
-    def per_step(self) -> float:
-        gaps = [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
-        return statistics.median(gaps)
 
 
 def build(dim: int, seed: int):

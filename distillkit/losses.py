@@ -13,7 +13,6 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from distillkit.interfaces import Loss, Params, Task
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from distillkit.config import RunConfig, dump
+from distillkit.config import RunConfig
 from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.evaluation import summary_rows
@@ -136,8 +136,10 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
     planned = []
     for name in order:
         stage = stages[name]
-        tasks = stage.task_names(all_tasks)
-        desc = {"stage": resolved["stages"][name], "tasks": {t: resolved["tasks"][t] for t in all_tasks},
+        # Only the tasks the stage touches: a teacher of {broad} is not retrained when the
+        # caption's settings change, so runs that differ elsewhere share it.
+        tasks = set(stage.task_names(all_tasks)) | {getattr(stage.params, "group_by", None)} - {None}
+        desc = {"stage": resolved["stages"][name], "tasks": {t: resolved["tasks"][t] for t in sorted(tasks)},
                 "deps": [keys[d] for d in stage.dependencies()], **common}
         keys[name] = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
         planned.append(PlannedStage(name, stage, stage.dependencies(), keys[name], stage.describe(all_tasks)))

@@ -7,7 +7,6 @@ returns each task's soft target for a batch (from the teacher-output cache, or o
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

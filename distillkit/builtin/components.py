@@ -10,7 +10,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from distillkit.errors import DistillkitError
 from distillkit.interfaces import AggregationPolicy, Encoder, Params, Student, Task, Teacher
 
 

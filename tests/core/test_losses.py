@@ -14,14 +14,6 @@ from distillkit.losses import KDLoss, KDLossParams, kl_rows, tempered_probs
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Student logits chosen so that the tempered softmax has round values:
 #   row 0: uniform at every tau
 #   row 1: softmax([0, 2 ln 2, 2 ln 3])     = [1, 4, 9] / 14  at tau = 1

@@ -176,3 +176,15 @@ def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries):
     assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
     m2, _ = load_model_state(tmp_path / "run" / "stages" / "m2" / "model.safetensors")
     assert any(not torch.equal(before[k], m2[k]) for k in before)  # the student did move
+
+
+def test_stage_key_covers_only_the_tasks_it_touches(tmp_path, runner):
+    config = toy_config()
+    config["stages"] = {"only_cluster": {"kind": "train", "tasks": ["cluster"]}, "both": {"kind": "train"}}
+    path = write_config(tmp_path, config)
+    out = tmp_path / "run"
+    assert runner.invoke(cli, ["run", str(path), "--out", str(out)]).exit_code == 0
+    again = runner.invoke(cli, ["run", str(path), "--out", str(out), "--set", "tasks.quadrant.hidden=16"])
+    assert again.exit_code == 0, again.output
+    assert "stage only_cluster: already finished" in again.output
+    assert "stage both: already finished" not in again.output

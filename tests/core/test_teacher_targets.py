@@ -24,15 +24,6 @@ IN = 4
 TAU = {"a": 2.0, "b": 1.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, and stall on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tasks():
     a = ClassificationTask("a", ClassificationParams(hidden=0))
     a.fit(["a0", "a1", "a2"])

@@ -13,15 +13,6 @@ from distillkit.errors import DistillkitError
 from eye_fundus.backbones import ResNetEncoder, ResNetParams, SmallCNN, SmallCNNParams, scale_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small batches: intra-op threads mostly add OpenMP synchronisation on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)

@@ -23,16 +23,6 @@ CAPTIONS = [
 FEATURES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a busy 2-core
-    machine OpenMP spinning made the same tests 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_task(**overrides) -> CaptionTask:
     params = dict(max_length=8, embedding_dim=32, hidden_dim=64)
     params.update(overrides)

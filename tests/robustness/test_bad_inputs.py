@@ -32,14 +32,6 @@ from tests.robustness.support import (assert_untouched, copy_run, dump_yaml, err
                                       image_dataset, save_png, small_toy, snapshot)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory) -> Path:
     """A finished run of the small toy config: the 'earlier good results'."""
