@@ -265,6 +265,15 @@ def _keys_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def _training(v: _Validator, raw: Any, path: str) -> TrainingParams | None:
+    """Training settings, with the optional ``augment`` component validated by its registry."""
+    training = v.model(TrainingParams, raw, path)
+    if training is None or training.augment is None:
+        return training
+    augment = v.component("augmentation", training.augment, f"{path}.augment")
+    return training.model_copy(update={"augment": augment}) if augment is not None else None
+
+
 def validate_config(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
                     lines: Mapping[str, int] | None = None, base_dir: Path | None = None) -> RunConfig:
     v = _Validator(registries, file, lines or {})
@@ -304,7 +313,7 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
 
     student = v.component("student", data["student"], "student") if "student" in data else None
     raw_training = data.get("training") or {}
-    training = v.model(TrainingParams, raw_training, "training")
+    training = _training(v, raw_training, "training")
 
     stages: dict[str, BaseModel] = {}
     raw_stages = data.get("stages") or {}
@@ -327,7 +336,7 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
             # A stage's training settings override the run's defaults key by key; only keys
             # the stage itself sets are reported here (the defaults are checked above).
             before = len(v.problems)
-            stage_training = v.model(TrainingParams, deep_merge(raw_training, own), f"{path}.training")
+            stage_training = _training(v, deep_merge(raw_training, own), f"{path}.training")
             v.problems[before:] = [p for p in v.problems[before:]
                                    if any(p.startswith(f"{path}.training.{k}") for k in own)]
             if stage_training is None:

@@ -47,6 +47,19 @@ def register_datasets(register):
 
 
 @hookspec
+def register_augmentations(register):
+    """Register random input augmentations, applied to each training batch on the device.
+
+    :param register: ``register(name, augmentation_class)``; the class takes its ``Params``
+        instance and is called as ``augmentation(inputs) -> inputs`` (same shape and dtype),
+        drawing from torch's global RNG so that runs are reproducible and resumable.
+
+    Teachers see the augmented batch too, so a distillation stage with an augmentation
+    needs ``teacher_outputs.mode: online``.
+    """
+
+
+@hookspec
 def register_aggregations(register):
     """Register multi-teacher aggregation policies (:class:`distillkit.AggregationPolicy`)
     that decide, per task, how the outputs of the teachers that learned it are combined.

@@ -34,6 +34,7 @@ _REGISTER_HOOKS = {
     "register_losses": "loss",
     "register_aggregations": "aggregation",
     "register_datasets": "dataset",
+    "register_augmentations": "augmentation",
     "register_metrics": "metric",
     "register_stages": "stage",
 }

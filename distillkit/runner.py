@@ -86,6 +86,11 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                 problems.append(f"stages.{name}.training.early_stopping.metric: '{es.metric}' must be val_loss, "
                                 f"val_kd or <task>.<metric> for one of the stage's tasks "
                                 f"({', '.join(stage.task_names(all_tasks))}).")
+        outputs = getattr(stage.params, "teacher_outputs", None)
+        if outputs is not None and outputs.mode == "cache" and getattr(training, "augment", None) is not None:
+            problems.append(f"stages.{name}.training.augment: random augmentation shows the teachers a new view "
+                            f"of every batch, which the teacher-output cache cannot hold; set "
+                            f"stages.{name}.teacher_outputs.mode: online (or remove the augmentation).")
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")

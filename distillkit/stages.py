@@ -137,6 +137,8 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
         if len(train_split) == 0:
             raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
                                   where=f"stages.{stage}.data")
+    if training.augment is not None:
+        kw["augment"] = ctx.registries.augmentation.get(training.augment.kind)(training.augment)
     fit(model, tasks, loss_fn, train_split, ctx.splits["val"], training, device=ctx.device,
         seed=hash_seed(seed, stage, label), workdir=workdir, callbacks=ctx.callbacks(label), stage=stage,
         model_meta=meta, **kw)

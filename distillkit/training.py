@@ -54,6 +54,8 @@ class TrainingParams(Params):
     #: bf16 autocast on CUDA (ignored on CPU)
     mixed_precision: bool = True
     channels_last: bool = False
+    #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
+    augment: Any = None
 
 
 class Callbacks(Protocol):
@@ -169,6 +171,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         params: TrainingParams, *, device: torch.device, seed: int, workdir: Path,
         use_labels: bool = True, soft_targets: SoftTargets | None = None, val_soft_targets: SoftTargets | None = None,
         alpha: float = 0.0, tau: Mapping[str, float] | None = None, callbacks: Callbacks | None = None,
+        augment: Callable[[Tensor], Tensor] | None = None,
         stage: str = "stage", model_meta: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` on ``train``; keep the best epoch by the validation metric.
 
@@ -220,6 +223,8 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         step_rows: list[int] = []
         for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
                                                      device=device, tasks=list(tasks) if use_labels else None)):
+            if augment is not None:  # before the teachers: they must see the same view
+                batch = Batch(batch.index, augment(batch.inputs), batch.targets)
             targets = batch.targets if use_labels else None
             soft = soft_targets(batch) if soft_targets is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

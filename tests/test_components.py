@@ -189,3 +189,38 @@ def test_teacher_source_loads_a_saved_model(name, tmp_path):
     assert teacher.tasks == frozenset({"a"})
     x = torch.randn(3, 8)
     assert torch.equal(teacher.model.heads["a"](teacher.features(x)), model.eval().heads["a"](model.features(x)))
+
+
+def _augmentation_input(name: str) -> torch.Tensor:
+    if name == "gaussian_noise":
+        return torch.randn(4, 8)
+    return torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", REGISTRIES.augmentation.names())
+def test_augmentation_is_random_reproducible_and_keeps_the_format(name):
+    cls = REGISTRIES.augmentation.get(name)
+    augment = cls(cls.Params())
+    x = _augmentation_input(name)
+    torch.manual_seed(0)
+    a = augment(x)
+    torch.manual_seed(0)
+    b = augment(x)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert not torch.equal(augment(x), a)  # a new draw per call
+
+
+def test_fundus_jitter_values():
+    from eye_fundus.augment import FundusJitter, FundusJitterParams
+
+    images = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
+    images[1] = 200
+    identity = FundusJitter(FundusJitterParams(brightness=0, contrast=0, shift=0))
+    assert torch.equal(identity(images), images)
+    brightness = FundusJitter(FundusJitterParams(brightness=0.1, contrast=0, shift=0))
+    out = brightness(images).int()
+    offset = out - images.int()
+    # one offset per image, the same for every pixel, within +-0.1 x 255
+    assert all(len(offset[i].unique()) == 1 for i in range(2))
+    assert offset.abs().max() <= 26

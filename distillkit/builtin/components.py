@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from distillkit.errors import DistillkitError
 from distillkit.interfaces import AggregationPolicy, Encoder, Params, Student, Task, Teacher
 
 
@@ -119,3 +120,24 @@ class CheckpointTeacher:
             path = base_dir / path
         loaded = load_model(path, registries, device, where=f"teacher {self.params.path}")
         return as_teacher(loaded, self.params.name or path.stem)
+
+
+class GaussianNoiseParams(Params):
+    kind: str = "gaussian_noise"
+    #: standard deviation of the noise added to every input value
+    std: float = Field(0.1, gt=0)
+
+
+class GaussianNoise:
+    """Adds Gaussian noise to floating-point inputs (tabular features, embeddings)."""
+
+    Params = GaussianNoiseParams
+
+    def __init__(self, params: GaussianNoiseParams):
+        self.params = params
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs.is_floating_point():
+            raise DistillkitError("gaussian_noise needs floating-point inputs; images stored as uint8 "
+                                  "need an image augmentation.", where="training.augment")
+        return inputs + torch.randn_like(inputs) * self.params.std

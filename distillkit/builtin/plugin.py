@@ -56,6 +56,13 @@ def register_datasets(register):
 
 
 @hookimpl
+def register_augmentations(register):
+    from distillkit.builtin.components import GaussianNoise
+
+    register("gaussian_noise", GaussianNoise)
+
+
+@hookimpl
 def register_metrics(register):
     from distillkit.builtin import metrics
 

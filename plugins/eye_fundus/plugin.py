@@ -36,6 +36,13 @@ def register_datasets(register):
 
 
 @hookimpl
+def register_augmentations(register):
+    from eye_fundus.augment import FundusJitter
+
+    register("fundus_jitter", FundusJitter)
+
+
+@hookimpl
 def register_metrics(register):
     from eye_fundus.bleu import corpus_bleu, sentence_bleu_average
 

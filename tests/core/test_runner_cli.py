@@ -188,3 +188,19 @@ def test_stage_key_covers_only_the_tasks_it_touches(tmp_path, runner):
     assert again.exit_code == 0, again.output
     assert "stage only_cluster: already finished" in again.output
     assert "stage both: already finished" not in again.output
+
+
+def test_augmentation_needs_online_teachers(tmp_path, runner):
+    config = toy_config()
+    config["stages"] = {"m1": {"kind": "train"},
+                        "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"],
+                               "training": {"augment": {"kind": "gaussian_noise", "std": 0.3}}}}
+    result = runner.invoke(cli, ["validate", str(write_config(tmp_path, config))])
+    assert result.exit_code == 2 and "stages.m2.teacher_outputs.mode: online" in result.output
+    config["stages"]["m2"]["teacher_outputs"] = {"mode": "online"}
+    result = runner.invoke(cli, ["run", str(write_config(tmp_path, config)), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    bad = toy_config()
+    bad["training"]["augment"] = {"kind": "gausian_noise"}
+    result = runner.invoke(cli, ["validate", str(write_config(tmp_path, bad))])
+    assert result.exit_code == 2 and "training.augment.kind" in result.output and "gaussian_noise" in result.output

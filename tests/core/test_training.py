@@ -429,3 +429,29 @@ def test_a_nan_score_at_epoch_zero_does_not_block_later_improvements(registries,
     assert result.epochs_run == 6  # training keeps improving the (training-set) validation loss
     assert result.best_epoch == 1 + int(np.argmin(losses[1:])) == 5
     _assert_same_state(model.state_dict(), recorder.snapshots[5])
+
+
+def test_teachers_see_the_augmented_batch(tmp_path):
+    """fit applies the augmentation before asking for soft targets: student and teachers share the view."""
+    from distillkit.builtin.classification import ClassificationTask
+    from distillkit.builtin.components import MLPEncoder, MultiTaskStudent
+    from distillkit.data import SplitData
+    from distillkit.losses import KDLoss
+    from distillkit.training import TrainingParams, fit
+
+    task = ClassificationTask("a", ClassificationTask.Params(hidden=4))
+    task.fit(["x", "y"])
+    x = torch.zeros(8, 4)
+    split = SplitData("train", np.arange(8), x, {"a": task.encode(["x", "y"] * 4)})
+    seen = []
+
+    def soft_targets(batch):
+        seen.append(batch.inputs.clone())
+        return {"a": {"probs": torch.full((len(batch.index), 2), 0.5)}}
+
+    model = MultiTaskStudent(MLPEncoder(MLPEncoder.Params(in_features=4, hidden=4)), {"a": task})
+    fit(model, {"a": task}, KDLoss(KDLoss.Params()), split, split,
+        TrainingParams(batch_size=4, epochs=1, early_stopping=None), device=torch.device("cpu"), seed=0,
+        workdir=tmp_path, use_labels=False, soft_targets=soft_targets, alpha=1.0, tau={"a": 1.0},
+        augment=lambda inputs: inputs + 100.0)
+    assert len(seen) == 2 and all(torch.equal(s, torch.full((4, 4), 100.0)) for s in seen)
