@@ -303,7 +303,18 @@ class Runner(StageContext):
         return result
 
     def _write_metrics(self, planned: list[PlannedStage]) -> dict[str, Any]:
+        """Every finished stage's metrics: this run's, then any other stage folder in place.
+
+        Reading the folders keeps metrics.json true to them when a re-run stops half-way:
+        the stages it did not reach keep their earlier, good results there too.
+        """
         metrics = {p.name: self._results[p.name].metrics for p in planned if p.name in self._results}
+        for marker in sorted((self.run_dir / "stages").glob("*/stage.json")):
+            name = marker.parent.name
+            if name not in metrics:
+                saved = read_json(marker)
+                if saved.get("status") == "done":
+                    metrics[name] = saved["result"]["metrics"]
         write_json(self.run_dir / "metrics.json", metrics)
         return metrics
 

@@ -204,3 +204,21 @@ def test_augmentation_needs_online_teachers(tmp_path, runner):
     bad["training"]["augment"] = {"kind": "gausian_noise"}
     result = runner.invoke(cli, ["validate", str(write_config(tmp_path, bad))])
     assert result.exit_code == 2 and "training.augment.kind" in result.output and "gaussian_noise" in result.output
+
+
+def test_a_failed_rerun_keeps_earlier_results_in_metrics_json(tmp_path, runner, monkeypatch):
+    path = write_config(tmp_path, toy_config())
+    out = tmp_path / "run"
+    assert runner.invoke(cli, ["run", str(path), "--out", str(out)]).exit_code == 0
+    before = json.loads((out / "metrics.json").read_text())
+
+    from distillkit import stages
+
+    def broken(self, ctx, workdir):
+        raise DistillkitError("simulated failure")
+
+    monkeypatch.setattr(stages.DistillStage, "run", broken)
+    result = runner.invoke(cli, ["run", str(path), "--out", str(out), "--set", "stages.m2.temperature=4"])
+    assert result.exit_code == 2 and "simulated failure" in result.output
+    after = json.loads((out / "metrics.json").read_text())
+    assert after == before  # m2, m3 and report were not reached: their earlier results stay
