@@ -265,6 +265,27 @@ def _keys_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def validate_data_sections(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
+                           lines: Mapping[str, int] | None = None) -> tuple[BaseModel, SplitParams, str | None]:
+    """Validate only the ``data``, ``split`` and ``cache_dir`` sections of a config mapping.
+
+    For tools that re-create a run's data (``eval``, ``report``): the other sections are
+    not theirs to check. Errors are reported together, with paths and lines, as for a run.
+    """
+    v = _Validator(registries, file, lines or {})
+    if "data" not in data:
+        v.problem("data", f"missing required section 'data' ({TOP_LEVEL['data']}).")
+    dataset = v.component("dataset", data["data"], "data") if "data" in data else None
+    split = v.model(SplitParams, data.get("split"), "split")
+    cache_dir = data.get("cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        v.problem("cache_dir", f"must be a path (got {cache_dir!r}).")
+    if v.problems:
+        raise ConfigErrors(file, v.problems)
+    assert dataset is not None and split is not None
+    return dataset, split, cache_dir
+
+
 def _training(v: _Validator, raw: Any, path: str) -> TrainingParams | None:
     """Training settings, with the optional ``augment`` component validated by its registry."""
     training = v.model(TrainingParams, raw, path)

@@ -49,19 +49,12 @@ class DataSpec:
         """Validate the ``data``, ``split`` and ``cache_dir`` entries of a config mapping."""
         # The config validator reports nested dataset params with YAML paths and lines,
         # exactly as ``distillkit run`` would; the other sections are not ours to check.
-        from distillkit.config import ConfigErrors, _Validator
+        from distillkit.config import validate_data_sections
 
         if "data" not in raw:
             raise DistillkitError("the file has no 'data:' section (the dataset source, kind: ...).", where=where,
                                   hint="Give a run config, a run's config.yaml, or a file with only a data: section.")
-        v = _Validator(registries, where, lines or {})
-        data = v.component("dataset", raw["data"], "data")
-        split = v.model(SplitParams, raw.get("split"), "split")
-        cache = raw.get("cache_dir")
-        if cache is not None and not isinstance(cache, str):
-            v.problem("cache_dir", f"must be a path (got {cache!r}).")
-        if v.problems:
-            raise ConfigErrors(where, v.problems)
+        data, split, cache = validate_data_sections(raw, registries, where, lines)
         return cls(data, split, base_dir, _cache_dir(cache, base_dir), where)
 
     @classmethod
