@@ -265,6 +265,16 @@ def _keys_at(cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def validate_component(kind: str, raw: Any, registries: Registries, file: str = "<config>",
+                       path: str = "") -> BaseModel:
+    """Validate one component mapping (``kind: ...`` plus its params, nested components too)."""
+    v = _Validator(registries, file, {})
+    params = v.component(kind, raw, path or kind)
+    if v.problems or params is None:
+        raise ConfigErrors(file, v.problems)
+    return params
+
+
 def validate_data_sections(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
                            lines: Mapping[str, int] | None = None) -> tuple[BaseModel, SplitParams, str | None]:
     """Validate only the ``data``, ``split`` and ``cache_dir`` sections of a config mapping.

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from distillkit.checkpoint import file_checksum, load_model_state
-from distillkit.config import dump
+from distillkit.config import dump, validate_component
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Student, Task, Teacher
 from distillkit.registry import Registries
@@ -49,20 +49,16 @@ def load_model(path: str | Path, registries: Registries, device: torch.device | 
                where: str | None = None) -> LoadedModel:
     """Rebuild a student (tasks, class lists, vocabulary, encoder) from a model file."""
     state, meta = load_model_state(path, where)
+    label = where or str(path)
     try:
+        # The stored params go through the same validation as a config (nested ones included).
         tasks: dict[str, Task] = {}
         for name, spec in meta["tasks"].items():
-            cls = registries.task.get(spec["params"]["kind"], where=where or str(path))
-            task = cls(name, cls.Params.model_validate(spec["params"]))
+            params = validate_component("task", spec["params"], registries, label, f"tasks.{name}")
+            task = registries.task.get(params.kind)(name, params)
             task.load_state(spec["state"])
             tasks[name] = task
-        student_cls = registries.student.get(meta["student"]["kind"], where=where or str(path))
-        student_params = student_cls.Params.model_validate(meta["student"])
-        encoder_cls = registries.encoder.get(student_params.encoder["kind"] if isinstance(student_params.encoder, dict)
-                                             else student_params.encoder.kind)
-        if isinstance(student_params.encoder, dict):
-            student_params = student_params.model_copy(
-                update={"encoder": encoder_cls.Params.model_validate(student_params.encoder)})
+        student_params = validate_component("student", meta["student"], registries, label, "student")
     except (KeyError, TypeError, ValueError) as exc:
         raise DistillkitError(f"{path} was not written by this version of distillkit or its plugins ({exc}).",
                               where=where) from None

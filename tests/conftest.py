@@ -59,3 +59,41 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def m3_weights_with_and_without_labels(config, registries, tmp_path: Path, stage: str = "m3"):
+    """Run ``config``, then re-run only ``stage`` (and its teacher-output cache) in a copy whose
+    labels and captions are all scrambled; return both runs' weights of ``stage``.
+
+    A stage that reads no label gives bit-identical weights.
+    """
+    import shutil
+
+    import torch
+
+    from distillkit.checkpoint import load_model_state
+    from distillkit.runner import Runner
+
+    Runner(config, registries, tmp_path / "a").run()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "stages" / stage)
+    shutil.rmtree(tmp_path / "b" / "cache", ignore_errors=True)
+    scrambled = Runner(config, registries, tmp_path / "b")
+    prepare = scrambled.prepare_data
+
+    def prepare_scrambled():
+        prepare()
+        g = torch.Generator().manual_seed(7)
+        for split in scrambled.splits.values():
+            for target in (split.targets or {}).values():
+                for value in target.values():
+                    if value.dtype == torch.bool:
+                        value.copy_(torch.rand(value.shape, generator=g) < 0.5)
+                    else:
+                        value.copy_(torch.randint(0, 4, value.shape, generator=g))
+
+    scrambled.prepare_data = prepare_scrambled
+    scrambled.run()
+    a, _ = load_model_state(tmp_path / "a" / "stages" / stage / "model.safetensors")
+    b, _ = load_model_state(tmp_path / "b" / "stages" / stage / "model.safetensors")
+    return a, b
