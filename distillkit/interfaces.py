@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -130,11 +130,45 @@ class Task(ABC):
         return type(self).__name__
 
 
+class FreezeUntil(Params):
+    """Freeze the encoder's blocks up to and including ``until`` (a name from :meth:`Encoder.blocks`)."""
+
+    until: str
+
+
+class EncoderParams(Params):
+    """Base of every encoder's parameters."""
+
+    kind: str
+    #: blocks whose weights stay fixed (BatchNorm in eval mode): ``none``, ``all`` or
+    #: ``{until: <block>}``; a frozen part runs once per image and its output is cached
+    freeze: Union[Literal["none", "all"], FreezeUntil] = "none"
+
+
 class Encoder(nn.Module):
-    """Maps an input batch (as stored by the dataset: e.g. uint8 images) to ``(B, out_features)``."""
+    """Maps an input batch (as stored by the dataset: e.g. uint8 images) to ``(B, out_features)``.
+
+    An encoder is a chain of named blocks: ``forward(x)`` equals applying :meth:`blocks` in
+    order to :meth:`preprocess` ``(x)``. The chain is what lets a run freeze a prefix of the
+    encoder and cache its output (``freeze`` in :class:`EncoderParams`).
+    """
 
     Params: ClassVar[type[Params]]
     out_features: int
+
+    def preprocess(self, inputs: Tensor) -> Tensor:
+        """Stored inputs -> what the first block takes (e.g. uint8 pixels -> normalised floats)."""
+        return inputs
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The encoder's blocks in order, each with a name a ``freeze: {until: ...}`` can give."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its blocks")
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.preprocess(inputs)
+        for _, block in self.blocks():
+            x = block(x)
+        return x
 
 
 class Student(nn.Module):
