@@ -219,8 +219,8 @@ def test_fundus_mix_manifest(tmp_path):
         ManifestSource.Params(path=str(FUNDUS_MIX / "manifest.csv"), image_size=64, split_column="suggested_split"),
         context(tmp_path))
     data = source.load()
-    assert len(data) == 3711 and int(data.pool.sum()) == 1241
+    assert len(data) == 3421 and int(data.pool.sum()) == 951
     labeled = ~data.pool
     assert sorted({data.labels["broad_label"][i] for i in np.flatnonzero(labeled)}) == \
         ["DR", "cataract", "glaucoma", "normal"]
-    assert data.inputs.shape == (3711, 3, 64, 64)
+    assert data.inputs.shape == (3421, 3, 64, 64)
