@@ -1,9 +1,10 @@
 """Image encoders for fundus photographs: torchvision ResNets (the paper's ResNet-50) and a
-small CNN for fast CPU runs.
+small CNN for fast CPU runs (EfficientNet-Lite0 lives in :mod:`eye_fundus.efficientnet`).
 
 Every encoder takes the dataset's images as stored, ``uint8`` ``(B, 3, H, W)``, and scales
-them to [-1, 1] itself (the paper's normalisation, :func:`scale_images`), so the data pipeline
-ships compact uint8 tensors and never a float copy. Float inputs are taken as already scaled.
+them to [-1, 1] itself in :meth:`preprocess` (the paper's normalisation, :func:`scale_images`),
+so the data pipeline ships compact uint8 tensors and never a float copy. Float inputs are taken
+as already scaled.
 
 Pretrained weights load from the torch hub cache (``pretrained: imagenet``) or from a local
 ``.safetensors`` file; never from a pickle a user points at.
@@ -25,7 +26,7 @@ from torch import nn
 from torchvision import models
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import Encoder, Params
+from distillkit.interfaces import Encoder, EncoderParams
 
 Tensor = torch.Tensor
 
@@ -50,7 +51,7 @@ _RESNETS: dict[str, tuple[Callable[..., models.ResNet], models.WeightsEnum, int]
 }
 
 
-class ResNetParams(Params):
+class ResNetParams(EncoderParams):
     kind: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
     #: "none" (random init), "imagenet" (torchvision's IMAGENET1K_V1, from the torch hub cache
     #: or downloaded), or the path of a local .safetensors file holding the weights
@@ -69,6 +70,8 @@ class ResNetParams(Params):
 class ResNetEncoder(Encoder):
     """A torchvision ResNet-18/34/50 without its classifier: pooled features of 512 or 2048.
 
+    Blocks: ``stem`` (conv1, bn1, relu, maxpool), ``layer1`` ... ``layer4``, ``pool``.
+
     ImageNet weights were trained on mean/std-normalised inputs; like the paper we feed
     [-1, 1] instead and let fine-tuning absorb the difference.
     """
@@ -84,18 +87,29 @@ class ResNetEncoder(Encoder):
         self.net = net
         self.out_features = width
         if params.pretrained == "imagenet":
-            load_weights(self.net, _imagenet_state(params.kind, weights), source=f"torchvision {weights}")
+            state, source = _imagenet_state(params.kind, weights), f"torchvision {weights}"
         elif params.pretrained != "none":
             path = Path(params.pretrained).expanduser()
-            load_weights(self.net, read_safetensors(path), source=str(path))
+            state, source = read_safetensors(path), str(path)
+        if params.pretrained != "none":
+            load_weights(self.net, _torchvision_layout(state), source=source,
+                         hint="Check that the file was saved from the same architecture (e.g. resnet50).")
         if params.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: Tensor) -> Tensor:
-        x = scale_images(images)
+    def preprocess(self, inputs: Tensor) -> Tensor:
+        x = scale_images(inputs)
         if self.params.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return x
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        # Views over self.net's own modules, built per call: state-dict keys stay torchvision's
+        # (``net.conv1.weight``), so existing checkpoints and converted weights keep loading.
+        net = self.net
+        return [("stem", nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)),
+                ("layer1", net.layer1), ("layer2", net.layer2), ("layer3", net.layer3), ("layer4", net.layer4),
+                ("pool", nn.Sequential(net.avgpool, nn.Flatten(1)))]
 
 
 @contextlib.contextmanager
@@ -124,10 +138,9 @@ def _imagenet_state(kind: str, weights: models.WeightsEnum) -> dict[str, Tensor]
             f"downloaded from {weights.url} ({type(exc).__name__}: {exc}).",
             where="pretrained",
             hint=(f"On an offline machine, either copy that file to {cached}, or convert it once with "
-                  "`python -c \"import torch, safetensors.torch as st; "
-                  f"st.save_file(torch.load('{os.path.basename(weights.url)}', weights_only=True), "
-                  f"'{kind}.safetensors')\"` and set `pretrained: /path/to/{kind}.safetensors`; "
-                  "or use `pretrained: none`."),
+                  f"`distillkit convert-weights {os.path.basename(weights.url)} {kind}.safetensors` and set "
+                  f"`pretrained: /path/to/{kind}.safetensors`; or use `pretrained: none` (or the "
+                  "efficientnet_lite0 encoder, whose ImageNet weights install with the package)."),
         ) from exc
 
 
@@ -139,18 +152,23 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     if path.suffix != ".safetensors":
         raise DistillkitError("pretrained weights must be a .safetensors file (pickled .pt/.pth files are "
                               "never loaded).", where=str(path),
-                              hint="Convert it once: safetensors.torch.save_file(torch.load(f, weights_only=True), out).")
+                              hint=f"Convert it once: distillkit convert-weights {path.name} {path.stem}.safetensors")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise DistillkitError(f"not a readable safetensors file ({exc}).", where=str(path)) from exc
 
 
-def load_weights(net: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load a torchvision-layout state dict (its ``fc.*`` classifier is dropped) or an
-    encoder's own (``net.*`` keys) into ``net``; any other mismatch is a DistillkitError."""
+def _torchvision_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision ResNet's keys from its own state dict (the ``fc.*`` classifier dropped)
+    or from a ResNetEncoder's (``net.*`` keys)."""
     state = {k.removeprefix("net."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_weights(net: nn.Module, state: Mapping[str, Tensor], source: str, hint: str) -> None:
+    """Load ``state`` into ``net`` when its keys and shapes fit exactly; otherwise a
+    DistillkitError naming ``source`` and the first missing, unexpected and reshaped keys."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -159,16 +177,22 @@ def load_weights(net: nn.Module, state: Mapping[str, Tensor], source: str) -> No
         problems = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
             if keys:
+                if label == "of another shape":  # say which shapes: a transposed or wider layer shows
+                    keys = [f"{k}: {_shape(state[k])} in the file vs {_shape(expected[k])} here" for k in keys]
                 shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
                 problems.append(f"{len(keys)} {label} ({shown})")
         raise DistillkitError(
             f"the weights do not fit a {type(net).__name__} of this size: keys " + "; ".join(problems) + ".",
-            where=source, hint="Check that the file was saved from the same architecture (e.g. resnet50).")
+            where=source, hint=hint)
     net.load_state_dict(state)
 
 
+def _shape(tensor: Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
 # -- a small CNN -------------------------------------------------------------------------------
-class SmallCNNParams(Params):
+class SmallCNNParams(EncoderParams):
     kind: Literal["small_cnn"] = "small_cnn"
     #: channels of the first block; each further block doubles them
     width: int = Field(32, ge=1)
@@ -181,6 +205,8 @@ class SmallCNNParams(Params):
 
 class SmallCNN(Encoder):
     """conv3x3-BN-ReLU-maxpool blocks doubling the channels, then global average pooling.
+
+    Blocks: ``block1`` ... ``block<depth>``, ``pool``.
 
     With width 16 (the shipped CPU configs) a 64 px image becomes 128 features for about
     30 MFLOPs: for tests, the synthetic dataset and CPU experiments, not the paper's numbers.
@@ -201,9 +227,24 @@ class SmallCNN(Encoder):
             if pool:
                 layers.append(nn.MaxPool2d(2))
             channels = out
-        self.blocks = nn.Sequential(*layers)
+        # Registered under the name "blocks" so that checkpoints keep their ``blocks.<i>.*``
+        # keys; that name is the blocks() method's, so it goes into _modules directly
+        # (add_module refuses a name the class already has) and is read through `layers`.
+        self._modules["blocks"] = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = channels
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.pool(self.blocks(scale_images(images))).flatten(1)
+    @property
+    def layers(self) -> nn.Sequential:
+        """Every conv, BN, ReLU (and max-pool) layer in order: the module behind ``blocks.<i>.*`` keys."""
+        return self._modules["blocks"]
+
+    def preprocess(self, inputs: Tensor) -> Tensor:
+        return scale_images(inputs)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        per_block = 4 if self.params.downsample == "pool" else 3
+        layers = list(self.layers)
+        chain = [(f"block{i + 1}", nn.Sequential(*layers[i * per_block:(i + 1) * per_block]))
+                 for i in range(self.params.depth)]
+        return chain + [("pool", nn.Sequential(self.pool, nn.Flatten(1)))]

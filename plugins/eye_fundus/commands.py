@@ -96,7 +96,25 @@ def eval_manifest_command(model: Path, manifest: Path, image_size: int | None, o
     run_eval(model, spec, "all", stages=stages, group_by=group_by, json_out=json_out, device=device)
 
 
+@click.command("convert-weights")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert_weights_command(checkpoint: Path, out: Path, force: bool) -> None:
+    """Convert a .pth state dict (e.g. torchvision's resnet50-0676ba61.pth) to OUT.safetensors.
+
+    The .pth is read with torch.load(weights_only=True); anything in it that is not a named
+    tensor is refused. Then set `pretrained: OUT.safetensors` on the encoder.
+    """
+    from eye_fundus.weights import convert_checkpoint
+
+    state = convert_checkpoint(checkpoint, out, overwrite=force)
+    values = sum(t.numel() for t in state.values())
+    click.echo(f"wrote {out}: {len(state)} tensors, {values:,} values")
+
+
 def add_commands(cli: click.Group) -> None:
     cli.add_command(import_odir_command)
     cli.add_command(predict_command)
     cli.add_command(eval_manifest_command)
+    cli.add_command(convert_weights_command)

@@ -21,9 +21,11 @@ def register_tasks(register):
 @hookimpl
 def register_encoders(register):
     from eye_fundus.backbones import ResNetEncoder, SmallCNN
+    from eye_fundus.efficientnet import EfficientNetLite0
 
     for name in ("resnet18", "resnet34", "resnet50"):
         register(name, ResNetEncoder)
+    register("efficientnet_lite0", EfficientNetLite0)
     register("small_cnn", SmallCNN)
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from distillkit.errors import DistillkitError
+from distillkit.interfaces import EncoderParams
 from eye_fundus.backbones import ResNetEncoder, ResNetParams, SmallCNN, SmallCNNParams, scale_images
 
 
@@ -80,7 +81,7 @@ def test_small_cnn_shapes_and_values():
     # The whole encoder is trainable end to end.
     encoder.train()
     encoder(images()).sum().backward()
-    assert encoder.blocks[0].weight.grad.abs().sum() > 0
+    assert encoder.layers[0].weight.grad.abs().sum() > 0
 
 
 def test_params_are_strict():
@@ -169,3 +170,56 @@ def test_mismatched_or_bad_files_raise_distillkit_errors(tmp_path):
         ResNetEncoder(ResNetParams(kind="resnet18", pretrained=str(pickled)))
     with pytest.raises(DistillkitError, match="not found"):
         ResNetEncoder(ResNetParams(kind="resnet18", pretrained=str(tmp_path / "absent.safetensors")))
+
+
+# -- the encoder contract: preprocess, then the named blocks in order ---------------------------
+def _chain(encoder, inputs):
+    x = encoder.preprocess(inputs)
+    for _, block in encoder.blocks():
+        x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["resnet18", "resnet50"])
+def test_resnet_blocks_compose_to_the_torchvision_forward(kind):
+    torch.manual_seed(0)
+    encoder = ResNetEncoder(ResNetParams(kind=kind)).eval()
+    assert [name for name, _ in encoder.blocks()] == ["stem", "layer1", "layer2", "layer3", "layer4", "pool"]
+    # The blocks hold the network's own modules: no parameter outside them, none twice.
+    in_blocks = [p for _, block in encoder.blocks() for p in block.parameters()]
+    assert len(in_blocks) == len({id(p) for p in in_blocks}) == len(list(encoder.parameters()))
+    x = images(size=32)
+    with torch.no_grad():
+        expected = encoder.net(x.float() / 127.5 - 1)  # torchvision's own forward (fc is Identity)
+        torch.testing.assert_close(_chain(encoder, x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(encoder(x), expected, rtol=0, atol=0)
+    assert isinstance(encoder.params, EncoderParams) and encoder.params.freeze == "none"
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_small_cnn_blocks_compose_to_forward(downsample):
+    torch.manual_seed(0)
+    encoder = SmallCNN(SmallCNNParams(width=8, depth=3, downsample=downsample)).eval()
+    assert [name for name, _ in encoder.blocks()] == ["block1", "block2", "block3", "pool"]
+    blocks = dict(encoder.blocks())
+    per_block = [[type(m).__name__ for m in blocks[f"block{i}"]] for i in (1, 2, 3)]
+    layer_types = ["Conv2d", "BatchNorm2d", "ReLU"] + (["MaxPool2d"] if downsample == "pool" else [])
+    assert per_block == [layer_types] * 3
+    in_blocks = [p for _, block in encoder.blocks() for p in block.parameters()]
+    assert len(in_blocks) == len({id(p) for p in in_blocks}) == len(list(encoder.parameters()))
+    x = images(size=32)
+    with torch.no_grad():
+        expected = encoder.pool(encoder.layers(scale_images(x))).flatten(1)  # the pre-blocks forward
+        torch.testing.assert_close(_chain(encoder, x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(encoder(x), expected, rtol=0, atol=0)
+    assert expected.shape == (2, 32)
+
+
+def test_state_dict_keys_are_unchanged():
+    # Existing checkpoints hold these keys: the blocks() views must not add or rename any.
+    small = SmallCNN(SmallCNNParams(width=8, depth=2)).state_dict()
+    assert list(small)[:6] == ["blocks.0.weight", "blocks.1.weight", "blocks.1.bias", "blocks.1.running_mean",
+                               "blocks.1.running_var", "blocks.1.num_batches_tracked"]
+    assert len(small) == 2 * 6
+    resnet = ResNetEncoder(ResNetParams(kind="resnet18")).state_dict()
+    assert set(resnet) == {f"net.{k}" for k in models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}
