@@ -25,7 +25,7 @@ from torch import nn
 from torchvision import models
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import Encoder, Params
+from distillkit.interfaces import Encoder, EncoderParams
 
 Tensor = torch.Tensor
 
@@ -50,7 +50,7 @@ _RESNETS: dict[str, tuple[Callable[..., models.ResNet], models.WeightsEnum, int]
 }
 
 
-class ResNetParams(Params):
+class ResNetParams(EncoderParams):
     kind: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
     #: "none" (random init), "imagenet" (torchvision's IMAGENET1K_V1, from the torch hub cache
     #: or downloaded), or the path of a local .safetensors file holding the weights
@@ -91,11 +91,18 @@ class ResNetEncoder(Encoder):
         if params.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def preprocess(self, images: Tensor) -> Tensor:
         x = scale_images(images)
         if self.params.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return x
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """``stem``, ``layer1`` .. ``layer4``, ``pool``: views of ``net`` (keys stay ``net.*``)."""
+        net = self.net
+        return [("stem", nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)),
+                ("layer1", net.layer1), ("layer2", net.layer2), ("layer3", net.layer3), ("layer4", net.layer4),
+                ("pool", nn.Sequential(net.avgpool, nn.Flatten(1)))]
 
 
 @contextlib.contextmanager
@@ -168,7 +175,7 @@ def load_weights(net: nn.Module, state: Mapping[str, Tensor], source: str) -> No
 
 
 # -- a small CNN -------------------------------------------------------------------------------
-class SmallCNNParams(Params):
+class SmallCNNParams(EncoderParams):
     kind: Literal["small_cnn"] = "small_cnn"
     #: channels of the first block; each further block doubles them
     width: int = Field(32, ge=1)
@@ -201,9 +208,18 @@ class SmallCNN(Encoder):
             if pool:
                 layers.append(nn.MaxPool2d(2))
             channels = out
-        self.blocks = nn.Sequential(*layers)
+        # Registered as "blocks" (state-dict keys ``blocks.<i>.*``), which the method
+        # :meth:`blocks` shadows as an attribute: reach it through ``_modules``.
+        self._modules["blocks"] = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = channels
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.pool(self.blocks(scale_images(images))).flatten(1)
+    def preprocess(self, images: Tensor) -> Tensor:
+        return scale_images(images)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """``block1`` .. ``block<depth>`` (conv-BN-ReLU[-pool]), then ``pool``."""
+        layers = self._modules["blocks"]
+        size = 4 if self.params.downsample == "pool" else 3
+        return [(f"block{i + 1}", layers[size * i:size * (i + 1)]) for i in range(self.params.depth)] + [
+            ("pool", nn.Sequential(self.pool, nn.Flatten(1)))]

@@ -80,7 +80,7 @@ def test_small_cnn_shapes_and_values():
     # The whole encoder is trainable end to end.
     encoder.train()
     encoder(images()).sum().backward()
-    assert encoder.blocks[0].weight.grad.abs().sum() > 0
+    assert encoder.blocks()[0][1][0].weight.grad.abs().sum() > 0
 
 
 def test_params_are_strict():
@@ -169,3 +169,26 @@ def test_mismatched_or_bad_files_raise_distillkit_errors(tmp_path):
         ResNetEncoder(ResNetParams(kind="resnet18", pretrained=str(pickled)))
     with pytest.raises(DistillkitError, match="not found"):
         ResNetEncoder(ResNetParams(kind="resnet18", pretrained=str(tmp_path / "absent.safetensors")))
+
+
+@pytest.mark.parametrize("make", [lambda: SmallCNN(SmallCNNParams(width=4, depth=3)),
+                                  lambda: SmallCNN(SmallCNNParams(width=4, depth=2, downsample="stride")),
+                                  lambda: ResNetEncoder(ResNetParams(kind="resnet18"))])
+def test_blocks_compose_to_the_forward_pass_with_unchanged_keys(make):
+    torch.manual_seed(0)
+    encoder = make().eval()
+    x = images(batch=2, size=32)
+    with torch.no_grad():
+        if isinstance(encoder, ResNetEncoder):  # torchvision's own forward, classifier removed
+            reference = encoder.net(scale_images(x))
+            assert "net.conv1.weight" in encoder.state_dict() and "net.layer4.1.bn2.bias" in encoder.state_dict()
+        else:
+            reference = encoder.pool(encoder._modules["blocks"](scale_images(x))).flatten(1)
+            assert "blocks.0.weight" in encoder.state_dict() and "blocks.1.running_mean" in encoder.state_dict()
+        x_ = encoder.preprocess(x)
+        for _, block in encoder.blocks():
+            x_ = block(x_)
+        torch.testing.assert_close(encoder(x), reference)
+        torch.testing.assert_close(x_, reference)
+    names = [name for name, _ in encoder.blocks()]
+    assert names[-1] == "pool" and len(set(names)) == len(names)
