@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python -m benchmarks.loop_overhead
 	$(BIN)/python -m benchmarks.data_pipeline
 	$(BIN)/python -m benchmarks.distillation
+	$(BIN)/python -m benchmarks.feature_cache
 
 wheel: install
 	$(BIN)/python -m pip wheel --no-deps -w dist .

@@ -154,7 +154,15 @@ class Encoder(nn.Module):
     """
 
     Params: ClassVar[type[Params]]
+    params: Params
     out_features: int
+    #: how many of :meth:`blocks` are frozen (set from ``params.freeze`` when a student is
+    #: built, :func:`distillkit.feature_cache.freeze_encoder`); they and :meth:`preprocess`
+    #: get no gradient and stay in eval mode
+    frozen_blocks: int = 0
+    #: True while the encoder is fed the cached output of its frozen part instead of raw
+    #: inputs (:func:`distillkit.feature_cache.reading_features`)
+    reads_features: bool = False
 
     def preprocess(self, inputs: Tensor) -> Tensor:
         """Stored inputs -> what the first block takes (e.g. uint8 pixels -> normalised floats)."""
@@ -170,6 +178,31 @@ class Encoder(nn.Module):
             x = block(x)
         return x
 
+    def forward_frozen(self, inputs: Tensor) -> Tensor:
+        """Raw inputs -> the output of the frozen part (what the feature cache stores)."""
+        x = self.preprocess(inputs)
+        for _, block in self.blocks()[:self.frozen_blocks]:
+            x = block(x)
+        return x
+
+    def forward_trainable(self, features: Tensor) -> Tensor:
+        """The output of the frozen part -> the encoder's output (the blocks above it)."""
+        x = features.float() if features.dtype == torch.float16 else features  # fp16 cache storage
+        for _, block in self.blocks()[self.frozen_blocks:]:
+            x = block(x)
+        return x
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # A frozen part keeps its BatchNorm statistics and runs without dropout even while
+        # the rest trains: its cached output must be what it computes at every step.
+        super().train(mode)
+        if mode and self.frozen_blocks:
+            trainable = {id(m) for _, block in self.blocks()[self.frozen_blocks:] for m in block.modules()}
+            for module in self.modules():
+                if module is not self and id(module) not in trainable:
+                    module.training = False
+        return self
+
 
 class Student(nn.Module):
     """A shared encoder with one head per task, for any subset of tasks."""
@@ -183,6 +216,9 @@ class Student(nn.Module):
         self.heads = nn.ModuleDict({name: task.build_head(encoder.out_features) for name, task in tasks.items()})
 
     def features(self, inputs: Tensor) -> Tensor:
+        """Encoder output for raw inputs, or for cached frozen features while ``reads_features``."""
+        if self.encoder.reads_features:
+            return self.encoder.forward_trainable(inputs)
         return self.encoder(inputs)
 
 

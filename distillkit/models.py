@@ -11,13 +11,17 @@ import torch
 from distillkit.checkpoint import file_checksum, load_model_state
 from distillkit.config import dump, validate_component
 from distillkit.errors import DistillkitError
+from distillkit.feature_cache import freeze_encoder
 from distillkit.interfaces import Student, Task, Teacher
 from distillkit.registry import Registries
 
 
 def build_student(student_params: Any, tasks: Mapping[str, Task], registries: Registries) -> Student:
+    """A student of the config's kind for ``tasks``, with its encoder's ``freeze`` applied."""
     cls = registries.student.get(student_params.kind)
-    return cls.build(student_params, dict(tasks), registries)
+    model = cls.build(student_params, dict(tasks), registries)
+    freeze_encoder(model.encoder)
+    return model
 
 
 def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str,

@@ -8,6 +8,9 @@ Layout of a run directory::
     stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
     stages/.work/<name>-<key>/   a stage in progress (resumed from here after a crash)
     cache/teacher_outputs/<key>/ cached soft targets
+
+(Frozen encoder features are cached in the shared data cache, ``<cache_dir>/features/<key>/``,
+not here: see :mod:`distillkit.feature_cache`.)
     metrics.json         every finished stage's metrics per split
     summary.json         the final comparison table (evaluate stages)
 
@@ -37,6 +40,7 @@ from distillkit.config import RunConfig
 from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.evaluation import summary_rows
+from distillkit.feature_cache import check_frozen_encoders, frozen_encoder_params
 from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.progress import Reporter
 from distillkit.registry import Registries
@@ -63,6 +67,7 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
     stages = build_stages(config, registries)
     all_tasks = list(config.tasks)
     problems: list[str] = []
+    frozen = frozen_encoder_params(config.student, registries)
     for name, stage in stages.items():
         for dep in stage.dependencies():
             if dep not in stages:
@@ -91,6 +96,12 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
             problems.append(f"stages.{name}.training.augment: random augmentation shows the teachers a new view "
                             f"of every batch, which the teacher-output cache cannot hold; set "
                             f"stages.{name}.teacher_outputs.mode: online (or remove the augmentation).")
+        if (frozen and getattr(training, "augment", None) is not None
+                and getattr(training, "feature_cache", "off") != "off"):
+            problems.append(f"stages.{name}.training.augment: random augmentation changes what the frozen encoder "
+                            f"blocks ({', '.join(f'student.{f}.freeze' for f in frozen)}) see at every step, "
+                            f"which their feature cache cannot hold; set stages.{name}.training.feature_cache: "
+                            f"off (or remove the augmentation).")
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")
@@ -213,6 +224,7 @@ class Runner(StageContext):
         if not cache_dir.is_absolute():
             cache_dir = config.base_dir / cache_dir
         source_cls = self.registries.dataset.get(config.data.kind)
+        self.cache_dir = cache_dir
         source = source_cls(config.data, DataContext(cache_dir=cache_dir, base_dir=config.base_dir, where="data"))
         self.data_fingerprint = source.fingerprint()
         started = time.perf_counter()
@@ -238,6 +250,7 @@ class Runner(StageContext):
 
     def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
         self.device = resolve_device(self.config.device)
+        check_frozen_encoders(self.config.student, self.registries, self.config.file)  # before decoding data
         self.prepare_data()
         planned = plan(self.config, self.registries, self.data_fingerprint)
         # config.yaml, plan.json and run.json describe the results in this folder: a new run

@@ -19,7 +19,8 @@ from pydantic import Field, field_validator
 from distillkit.checkpoint import file_checksum, save_model
 from distillkit.data import SplitData, hash_seed
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import Params, Task, Teacher
+from distillkit.feature_cache import FeatureCache, FrozenPrefix, reading_features
+from distillkit.interfaces import Encoder, Params, Student, Task, Teacher
 from distillkit.io import read_json, write_json
 from distillkit.models import as_teacher, build_student, init_from, load_model, model_meta
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
@@ -59,12 +60,24 @@ class StageContext(ABC):
     device: torch.device
     run_dir: Path
     data_fingerprint: str
+    #: the shared data cache (decoded images, frozen features)
+    cache_dir: Path
 
     @abstractmethod
     def result(self, stage: str) -> StageResult: ...
 
     @abstractmethod
     def callbacks(self, label: str) -> Any: ...
+
+    def frozen_views(self, encoder: Encoder, names: Sequence[str], storage: str,
+                     batch_size: int) -> dict[str, SplitData] | None:
+        """The named splits as ``encoder``'s trainable blocks read them: the cached output
+        of its frozen part, row for row; ``None`` when it freezes nothing or the cache is off."""
+        if storage == "off" or not encoder.frozen_blocks:
+            return None
+        cache = FeatureCache(self.cache_dir / "features", self.data_fingerprint, storage, batch_size, self.device,
+                             progress=self.callbacks)
+        return {name: cache.view(encoder, self.splits[name]) for name in names}
 
     def teachers(self, stages: Sequence[str]) -> list[Teacher]:
         out = []
@@ -110,8 +123,9 @@ def _primary_scores(tasks: Mapping[str, Task], metrics: Mapping[str, Any]) -> di
     return {name: float(metrics.get(name, {}).get(task.primary_metric, math.nan)) for name, task in tasks.items()}
 
 
-def _evaluate_splits(ctx: StageContext, model, tasks, loss_fn, batch_size: int) -> dict[str, Any]:
-    return {split: evaluate(model, tasks, ctx.splits[split], batch_size, ctx.device, loss_fn)
+def _evaluate_splits(ctx: StageContext, model, tasks, loss_fn, batch_size: int,
+                     splits: Mapping[str, SplitData]) -> dict[str, Any]:
+    return {split: evaluate(model, tasks, splits[split], batch_size, ctx.device, loss_fn)
             for split in ("val", "test")}
 
 
@@ -129,48 +143,64 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
     loss_fn = ctx.registries.loss.get(params.loss.kind)(params.loss)
     training = params.training
     meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs)
+    train_name = "unlabeled" if teachers is not None and params.data == "unlabeled" else "train"
+    if teachers is not None and len(ctx.splits[train_name]) == 0:
+        raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
+                              where=f"stages.{stage}.data")
+    # With a frozen encoder part the student trains and is evaluated on its cached output.
+    views = ctx.frozen_views(model.encoder, (train_name, "val", "test"), training.feature_cache,
+                             training.eval_batch_size)
+    splits = views or ctx.splits
+    readers = [model] if views else []
     kw: dict[str, Any] = {}
-    train_split = ctx.splits["train"]
     if teachers is not None:
-        kw = _distill_inputs(ctx, stage, params, tasks, teachers, workdir)
-        train_split = ctx.splits["unlabeled" if params.data == "unlabeled" else "train"]
-        if len(train_split) == 0:
-            raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
-                                  where=f"stages.{stage}.data")
+        kw = _distill_inputs(ctx, stage, params, tasks, teachers, model, splits, readers)
     if training.augment is not None:
         kw["augment"] = ctx.registries.augmentation.get(training.augment.kind)(training.augment)
-    fit(model, tasks, loss_fn, train_split, ctx.splits["val"], training, device=ctx.device,
-        seed=hash_seed(seed, stage, label), workdir=workdir, callbacks=ctx.callbacks(label), stage=stage,
-        model_meta=meta, **kw)
     path = workdir / "model.safetensors"
-    save_model(path, model, meta)
-    metrics = _evaluate_splits(ctx, model, tasks, loss_fn, training.eval_batch_size)
+    with reading_features(readers):
+        fit(model, tasks, loss_fn, splits[train_name], splits["val"], training, device=ctx.device,
+            seed=hash_seed(seed, stage, label), workdir=workdir, callbacks=ctx.callbacks(label), stage=stage,
+            model_meta=meta, **kw)
+        save_model(path, model, meta)  # whole: the frozen weights travel with it
+        metrics = _evaluate_splits(ctx, model, tasks, loss_fn, training.eval_batch_size, splits)
     record = ModelRecord(path=str(path.relative_to(ctx.run_dir)), tasks=list(task_names),
                          scores=_primary_scores(tasks, metrics["val"]), checksum=file_checksum(path), label=label)
     return record, metrics
 
 
 def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[str, Task], teachers: list[Teacher],
-                    workdir: Path) -> dict[str, Any]:
+                    student: Student, splits: Mapping[str, SplitData], readers: list[Student]) -> dict[str, Any]:
+    """fit()'s teacher arguments. When the student reads cached frozen features (``splits``
+    are its views), a teacher with the same frozen part reads them too (it joins ``readers``);
+    any other teacher reads the raw inputs of the same rows."""
     tau = params.temperature_for(list(tasks))
     policy = ctx.registries.aggregation.get(params.aggregation.kind)(params.aggregation)
     routes = route_teachers(list(tasks), teachers, policy, where=f"stages.{stage}.teachers")
     use_labels = params.data == "labeled"
-    train_split = ctx.splits["unlabeled" if not use_labels else "train"]
-    online = OnlineTargets(teachers, tasks, routes, tau, use_labels)
+    train_name = "unlabeled" if not use_labels else "train"
+    raw: list[int] = []
+    if readers:
+        prefix = FrozenPrefix.of(student.encoder)
+        raw = [i for i, t in enumerate(teachers) if FrozenPrefix.of(t.model.encoder) != prefix]
+        readers += [t.model for i, t in enumerate(teachers) if i not in raw]
+    online = OnlineTargets(teachers, tasks, routes, tau, use_labels, ctx.splits[train_name].inputs, raw)
     # Validation targets never use labels in an unlabeled stage (they feed ``val_kd``).
-    val_online = OnlineTargets(teachers, tasks, routes, tau, use_labels=False)
+    val_online = OnlineTargets(teachers, tasks, routes, tau, False, ctx.splits["val"].inputs, raw)
     out = params.teacher_outputs
     batch = params.training.eval_batch_size
     if out.mode == "online":
         train_targets, val_targets = online, val_online
     else:
         cache_root = ctx.run_dir / "cache" / "teacher_outputs"
+        # fp16 frozen features give teachers slightly other inputs than raw images or fp32 features
+        view = "frozen-fp16" if readers and params.training.feature_cache == "fp16" else "identity"
         targets = []
-        for split, source in ((train_split, online), (ctx.splits["val"], val_online)):
-            key = cache_key(teachers, routes, tau, source.use_labels, split, ctx.data_fingerprint, out)
-            targets.append(build_or_load_cache(source, split, cache_root / key, out, batch, ctx.device,
-                                               progress=ctx.callbacks(f"teacher outputs ({split.name})")))
+        for split, source in ((splits[train_name], online), (splits["val"], val_online)):
+            key = cache_key(teachers, routes, tau, source.use_labels, split, ctx.data_fingerprint, out, view)
+            with reading_features(readers):
+                targets.append(build_or_load_cache(source, split, cache_root / key, out, batch, ctx.device,
+                                                   progress=ctx.callbacks(f"teacher outputs ({split.name})")))
         train_targets, val_targets = targets
     return {"use_labels": use_labels, "soft_targets": train_targets, "val_soft_targets": val_targets,
             "alpha": params.alpha if use_labels else 1.0, "tau": tau}
@@ -374,18 +404,21 @@ class EvaluateStage(Stage):
     def run(self, ctx: StageContext, workdir: Path) -> StageResult:
         from distillkit.evaluation import evaluate_grouped
 
-        split = ctx.splits[self.params.split]
         result = StageResult()
         for stage in self.params.models:
             for record in ctx.result(stage).models:
                 loaded = load_model(ctx.run_dir / record.path, ctx.registries, ctx.device)
                 # the run's fitted tasks carry the split's encoding; the model's own tasks its head sizes
                 tasks = {name: ctx.tasks[name] for name in loaded.tasks}
-                metrics = evaluate(loaded.model, tasks, split, self.params.batch_size, ctx.device)
-                if self.params.group_by:
-                    metrics["by_group"] = evaluate_grouped(loaded.model, tasks, split, self.params.group_by,
-                                                           ctx.tasks[self.params.group_by], self.params.batch_size,
-                                                           ctx.device)
+                views = ctx.frozen_views(loaded.model.encoder, [self.params.split],
+                                         ctx.config.training.feature_cache, self.params.batch_size)
+                split = views[self.params.split] if views else ctx.splits[self.params.split]
+                with reading_features([loaded.model] if views else []):
+                    metrics = evaluate(loaded.model, tasks, split, self.params.batch_size, ctx.device)
+                    if self.params.group_by:
+                        metrics["by_group"] = evaluate_grouped(loaded.model, tasks, split, self.params.group_by,
+                                                               ctx.tasks[self.params.group_by],
+                                                               self.params.batch_size, ctx.device)
                 result.metrics.setdefault(self.params.split, {})[record.label] = metrics
         write_json(workdir / "metrics.json", result.metrics)
         return result

@@ -67,10 +67,18 @@ def route_teachers(tasks: Sequence[str], teachers: Sequence[Teacher], policy: Ag
 
 
 class OnlineTargets:
-    """Runs the teachers on a batch: each teacher's encoder once, then each routed head."""
+    """Runs the teachers on a batch: each teacher's encoder once, then each routed head.
+
+    When the batches carry a student's cached frozen features rather than the raw inputs,
+    the teachers in ``raw_teachers`` (positions) read their rows of ``raw_inputs`` instead:
+    batches index the split's rows, so ``raw_inputs[batch.index]`` are the same images.
+    """
 
     def __init__(self, teachers: Sequence[Teacher], tasks: Mapping[str, Task], routes: Mapping[str, Route],
-                 tau: Mapping[str, float], use_labels: bool):
+                 tau: Mapping[str, float], use_labels: bool, raw_inputs: Tensor | None = None,
+                 raw_teachers: Sequence[int] = ()):
+        self.raw_inputs = raw_inputs
+        self.raw_teachers = frozenset(raw_teachers)
         self.teachers = list(teachers)
         self.tasks = dict(tasks)
         self.routes = dict(routes)
@@ -83,7 +91,7 @@ class OnlineTargets:
     def __call__(self, batch: Batch) -> dict[str, dict[str, Tensor]]:
         for t in self.teachers:
             t.model.eval()  # a teacher that shares modules with a student must not drift
-        feats = {i: self.teachers[i].features(batch.inputs) for i in self.needed}
+        feats = {i: self.teachers[i].features(self._inputs(i, batch)) for i in self.needed}
         out = {}
         for name, task in self.tasks.items():
             r = self.routes[name]
@@ -91,6 +99,13 @@ class OnlineTargets:
             out[name] = task.soft_target([self.teachers[i].model.heads[name] for i in r.teachers],
                                          [feats[i] for i in r.teachers], r.weights, target, self.tau[name])
         return out
+
+
+    def _inputs(self, teacher: int, batch: Batch) -> Tensor:
+        if teacher in self.raw_teachers:
+            assert self.raw_inputs is not None
+            return self.raw_inputs[batch.index.cpu()].to(batch.inputs.device)
+        return batch.inputs
 
 
 def _compress(probs: Tensor, storage: str, k: int) -> dict[str, Tensor]:

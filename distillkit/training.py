@@ -56,6 +56,9 @@ class TrainingParams(Params):
     channels_last: bool = False
     #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
     augment: Any = None
+    #: with a frozen encoder part: train on its output computed once per image and stored as
+    #: ``fp32`` or ``fp16``, or ``off`` to run it at every step (see docs/feature_cache.md)
+    feature_cache: Literal["fp32", "fp16", "off"] = "fp32"
 
 
 class Callbacks(Protocol):

@@ -11,10 +11,10 @@ from pydantic import Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import AggregationPolicy, Encoder, Params, Student, Task, Teacher
+from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Task, Teacher
 
 
-class MLPParams(Params):
+class MLPParams(EncoderParams):
     kind: str = "mlp"
     #: size of one flattened input row
     in_features: int = Field(8, ge=1)
@@ -24,7 +24,10 @@ class MLPParams(Params):
 
 
 class MLPEncoder(Encoder):
-    """A multilayer perceptron over flattened inputs (tabular data, tests)."""
+    """A multilayer perceptron over flattened inputs (tabular data, tests).
+
+    Blocks ``layer1`` .. ``layer<depth>``, each Linear-ReLU-Dropout.
+    """
 
     Params = MLPParams
 
@@ -39,8 +42,12 @@ class MLPEncoder(Encoder):
         self.net = nn.Sequential(*layers)
         self.out_features = params.hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1).float())
+    def preprocess(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.flatten(1).float()
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        # Slices of ``net`` (the same modules), so state-dict keys stay ``net.<i>.*``.
+        return [(f"layer{i + 1}", self.net[3 * i:3 * i + 3]) for i in range(self.params.depth)]
 
 
 class MultiTaskParams(Params):

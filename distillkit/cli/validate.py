@@ -14,11 +14,13 @@ def validate(config: Path, overrides: tuple[str, ...]) -> None:
     """Validate CONFIG and print the stages in order: what each trains, from which
     initialisation and with which teachers. Loads no data and trains nothing."""
     from distillkit.config import load_config
+    from distillkit.feature_cache import check_frozen_encoders
     from distillkit.plugins import get_plugin_manager
     from distillkit.runner import describe_plan, plan
 
     registries = get_plugin_manager().registries
     cfg = load_config(config, registries, list(overrides))
+    check_frozen_encoders(cfg.student, registries, cfg.file)
     planned = plan(cfg, registries)
     click.echo(f"{config}: valid. {len(cfg.tasks)} task(s), {len(planned)} stage(s).")
     for name, task in cfg.tasks.items():

@@ -348,6 +348,9 @@ CASES = [
          args=("--set", "seed.value=1")),
     Case("cuda-without-cuda", _toy("device", "cuda"), ("device", "CUDA is not available")),
     Case("out-is-a-file", _out_is_file, ("--out", "results.txt is a file")),
+    Case("freeze-point-names-no-block", _toy("student.encoder.freeze", {"until": "layer3"}),
+         ("toy.yaml: student.encoder.freeze.until", "'layer3' is not a block of the mlp encoder",
+          "Did you mean 'layer2'?", "Blocks, in order: layer1, layer2.")),
     Case("early-stopping-metric-misspelt", _toy("training.early_stopping.metric", "val_los"),
          ("stages.m1.training.early_stopping.metric", "'val_los'", "val_loss")),
     # -- the manifest and its images -------------------------------------------------------------
