@@ -12,6 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.builtin.metrics import calibration, roc_auc, sensitivity_at_specificity
 from distillkit.interfaces import MetricAccumulator, Params, Task
 from distillkit.losses import kl_rows, tempered_probs
 
@@ -32,8 +33,11 @@ class ClassificationParams(Params):
     topk: list[int] = Field(default_factory=lambda: [1])
     #: classes seen fewer times than this in training are folded into "other" (0 keeps all)
     min_count: int = Field(0, ge=0)
-    #: labels in val/test that training never saw: "error" stops, "skip" treats them as missing
+    #: labels in val/test that training never saw: "error" stops; "skip" leaves them out of the losses
+    #: and scores them as wrong (counted as ``unseen`` in the metrics)
     unknown_labels: str = Field("skip", pattern="^(error|skip)$")
+    #: the specificity at which each class's screening sensitivity is reported (``sens_at_spec``)
+    screening_specificity: float = Field(0.90, gt=0, lt=1)
 
 
 class ClassificationTask(Task):
@@ -57,6 +61,7 @@ class ClassificationTask(Task):
     def encode(self, labels: Sequence[str | None], where: str = "") -> dict[str, Tensor]:
         y = torch.zeros(len(labels), dtype=torch.long)
         present = torch.zeros(len(labels), dtype=torch.bool)
+        unseen = torch.zeros(len(labels), dtype=torch.bool)
         unknown: list[str] = []
         for i, v in enumerate(labels):
             if v is None:
@@ -68,16 +73,17 @@ class ClassificationTask(Task):
                         f"row {i}: label '{v}' of task '{self.name}' is not in the training class list."
                         f"{did_you_mean(v, self.classes)}", where=where or None)
                 unknown.append(v)
+                unseen[i] = True
                 continue
             y[i] = j
             present[i] = True
-        if unknown:  # skipped, but never silently: the split's metrics count fewer rows
+        if unknown:  # no loss for them, but the metrics score them as wrong and count them
             n = len(unknown)
-            log.warning("%s%d label%s of task '%s' %s not in the training class list (%d classes) and %s counted "
-                        "as missing (e.g. '%s'); set unknown_labels: error to stop instead.",
+            log.warning("%s%d label%s of task '%s' %s not in the training class list (%d classes) and %s scored "
+                        "as wrong (e.g. '%s'); set unknown_labels: error to stop instead.",
                         f"{where}: " if where else "", n, "s" if n > 1 else "", self.name, "are" if n > 1 else "is",
                         len(self.classes), "were" if n > 1 else "was", unknown[0])
-        return {"y": y, "present": present}
+        return {"y": y, "present": present, "unseen": unseen}
 
     def state(self) -> dict[str, Any]:
         return {"classes": list(self.classes)}
@@ -122,46 +128,81 @@ class ClassificationTask(Task):
 
     # metrics ------------------------------------------------------------------------------
     def metrics(self) -> MetricAccumulator:
-        return ClassificationMetrics(self.num_classes, self.params.topk, self.classes)
+        return ClassificationMetrics(self.num_classes, self.params.topk, self.classes,
+                                     self.params.screening_specificity)
 
     def describe(self) -> str:
         return f"classification of '{self.field}' over {self.num_classes} classes"
 
 
 class ClassificationMetrics(MetricAccumulator):
-    """Accuracy, top-k, confusion matrix, per-class precision and recall over the whole split."""
+    """Accuracy, top-k, confusion matrix, per-class and screening metrics over the whole split.
 
-    def __init__(self, num_classes: int, topk: Sequence[int], classes: Sequence[str]):
+    Probabilities and labels are gathered per batch and scored at :meth:`compute`. Rows whose
+    label training never saw (``target["unseen"]``) count as wrong everywhere (see docs/metrics.md).
+    """
+
+    def __init__(self, num_classes: int, topk: Sequence[int], classes: Sequence[str],
+                 screening_specificity: float = 0.90):
         self.num_classes = num_classes
         self.topk = sorted({k for k in topk if k > 1})
         self.classes = list(classes)
-        self.confusion: Tensor | None = None
-        self.topk_hits: dict[int, Tensor] = {}
+        self.screening_specificity = screening_specificity
+        self._probs: list[Tensor] = []
+        self._y: list[Tensor] = []
 
     def update(self, prediction: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> None:
         probs, y, present = prediction["probs"], target["y"], target["present"]
-        probs, y = probs[present], y[present]
-        c = self.num_classes
-        if self.confusion is None:
-            self.confusion = torch.zeros(c * c, dtype=torch.long, device=probs.device)
-            self.topk_hits = {k: torch.zeros((), dtype=torch.long, device=probs.device) for k in self.topk}
-        pred = probs.argmax(-1)
-        self.confusion += torch.bincount(y * c + pred, minlength=c * c)
-        for k in self.topk:
-            top = probs.topk(min(k, c), dim=-1).indices
-            self.topk_hits[k] += (top == y[:, None]).any(-1).sum()
+        unseen = target.get("unseen")
+        rows = present if unseen is None else present | unseen
+        y = torch.where(present, y, torch.full_like(y, -1))  # -1: a label outside the class list
+        self._probs.append(probs[rows].detach().float().cpu())
+        self._y.append(y[rows].detach().cpu())
 
     def compute(self) -> dict[str, Any]:
         c = self.num_classes
-        cm = (self.confusion if self.confusion is not None else torch.zeros(c * c, dtype=torch.long)).view(c, c).cpu()
-        n = int(cm.sum())
+        probs = torch.cat(self._probs) if self._probs else torch.zeros(0, c)
+        y_all = torch.cat(self._y) if self._y else torch.zeros(0, dtype=torch.long)
+        seen = y_all >= 0
+        n, unseen = len(y_all), int((~seen).sum())
+        pred = probs.argmax(-1) if n else torch.zeros(0, dtype=torch.long)
+        nan = float("nan")
+        cm = torch.bincount(y_all[seen] * c + pred[seen], minlength=c * c).view(c, c)
         tp = cm.diag().double()
-        out: dict[str, Any] = {"n": n, "accuracy": float(tp.sum() / n) if n else float("nan")}
+        correct = (pred == y_all) & seen
+        out: dict[str, Any] = {"n": n, "unseen": unseen, "accuracy": float(correct.sum()) / n if n else nan}
         for k in self.topk:
-            out[f"top{k}"] = float(self.topk_hits[k]) / n if n else float("nan")
-        predicted, actual = cm.sum(0).double(), cm.sum(1).double()
+            top = probs.topk(min(k, c), dim=-1).indices
+            out[f"top{k}"] = float(((top == y_all[:, None]).any(-1) & seen).sum()) / n if n else nan
+        # predicted counts include unseen rows: predicting class i for them is a false positive of i
+        predicted = torch.bincount(pred, minlength=c).double()
+        actual = cm.sum(1).double()
         out["precision"] = {cls: (float(tp[i] / predicted[i]) if predicted[i] else None) for i, cls in enumerate(self.classes)}
-        out["recall"] = {cls: (float(tp[i] / actual[i]) if actual[i] else None) for i, cls in enumerate(self.classes)}
+        recall = {cls: (float(tp[i] / actual[i]) if actual[i] else None) for i, cls in enumerate(self.classes)}
+        out["recall"] = recall
+        out["sensitivity"] = dict(recall)
+        negatives = n - actual
+        tn = negatives - (predicted - tp)
+        out["specificity"] = {cls: (float(tn[i] / negatives[i]) if negatives[i] else None) for i, cls in enumerate(self.classes)}
+        # balanced accuracy: mean recall over the classes present, plus one "unseen" group of recall 0
+        groups = [v for v in recall.values() if v is not None] + ([0.0] * (unseen > 0))
+        out["balanced_accuracy"] = sum(groups) / len(groups) if groups else nan
+        # macro-F1 over the classes that occur as a label or a prediction
+        f1 = [float(2 * tp[i] / (actual[i] + predicted[i])) for i in range(c) if actual[i] + predicted[i]]
+        out["macro_f1"] = sum(f1) / len(f1) if f1 else nan
+        out["majority_rate"] = float(actual.max()) / n if n and c else nan
+        auc, sens = {}, {}
+        for i, cls in enumerate(self.classes):
+            positive = y_all == i
+            auc[cls] = roc_auc(probs[:, i], positive)
+            sens[cls] = sensitivity_at_specificity(probs[:, i], positive, self.screening_specificity)
+        out["auc"] = auc
+        known = [v for v in auc.values() if v is not None]
+        out["macro_auc"] = sum(known) / len(known) if known else nan
+        out["screening_specificity"] = self.screening_specificity
+        out["sens_at_spec"] = sens
+        confidence = probs.max(-1).values if n else torch.zeros(0)
+        out["ece"], out["reliability"] = calibration(confidence, correct)
         out["confusion"] = cm.tolist()
         out["classes"] = list(self.classes)
         return out
