@@ -40,10 +40,17 @@ def evaluate_grouped(model: Student, tasks: Mapping[str, Task], split: SplitData
 
 
 def headline_columns(tasks: Mapping[str, Task]) -> list[tuple[str, str, str]]:
-    """(task, metric key, column title) for the summary table: primary metric, then top-k."""
+    """(task, metric key, column title) for the summary table: primary metric, then top-k.
+
+    Classification tasks add balanced accuracy, the majority-class rate and macro AUC beside
+    accuracy, so an accuracy that merely equals the majority rate shows at a glance.
+    """
     cols = []
     for name, task in tasks.items():
         cols.append((name, task.primary_metric, f"{name} {task.primary_metric}"))
+        if hasattr(task.params, "screening_specificity"):
+            cols += [(name, "balanced_accuracy", f"{name} bal. acc"), (name, "majority_rate", f"{name} majority"),
+                     (name, "macro_auc", f"{name} AUC")]
         for k in getattr(task.params, "topk", []) or []:
             if k > 1:
                 cols.append((name, f"top{k}", f"{name} top-{k}"))
@@ -52,13 +59,20 @@ def headline_columns(tasks: Mapping[str, Task]) -> list[tuple[str, str, str]]:
 
 def summary_rows(metrics_by_model: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, Task]) -> tuple[list[str], list[list[str]]]:
     cols = headline_columns(tasks)
+    # labels training never saw, scored as wrong: a column only when some model met them
+    for name in tasks:
+        if any((m.get(name) or {}).get("unseen") for m in metrics_by_model.values()):
+            cols.append((name, "unseen", f"{name} unseen"))
     header = ["model"] + [c[2] for c in cols]
     rows = []
     for label, metrics in metrics_by_model.items():
         row = [label]
         for task, key, _ in cols:
             value = metrics.get(task, {}).get(key)
-            row.append("-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}")
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                row.append("-")
+            else:
+                row.append(str(value) if isinstance(value, int) else f"{value:.3f}")
         rows.append(row)
     return header, rows
 

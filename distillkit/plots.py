@@ -71,6 +71,30 @@ def confusion_figure(matrices: Mapping[str, Sequence[Sequence[int]]], classes: S
     return fig
 
 
+def reliability_figure(bins_by_model: Mapping[str, Sequence[Mapping]], ece: Mapping[str, float],
+                       task: str) -> Figure:
+    """Reliability diagram per model: accuracy against mean confidence of each non-empty bin."""
+    fig, axes = _grid(len(bins_by_model), 3, 4.2, 3.8)
+    for ax, (label, bins) in zip(axes, bins_by_model.items()):
+        full = [b for b in bins if b["count"]]
+        centers = [(b["lower"] + b["upper"]) / 2 for b in full]
+        width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+        ax.bar(centers, [b["accuracy"] for b in full], width * 0.9, color="tab:blue", alpha=0.7, label="accuracy")
+        ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o", color="tab:red", markersize=3,
+                label="(mean confidence, accuracy)")
+        ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
+        for x, b in zip(centers, full):
+            ax.text(x, 0.02, str(b["count"]), ha="center", fontsize=6, rotation=90)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence (max probability)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{label}: {task} (ECE {ece.get(label, float('nan')):.3f})", fontsize=10)
+    axes[0].legend(fontsize=7, loc="upper left")
+    return fig
+
+
 def topk_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], task: str, group_task: str | None) -> Figure:
     """Top-K accuracy against K, one panel per model and one line per group (the paper's Fig. 4)."""
     fig, axes = _grid(len(curves), 3, 4.6, 3.4, sharey=True)

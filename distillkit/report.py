@@ -109,6 +109,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         add(f"confusion_{confusion_task}", "Confusion matrix",
             f"Confusion matrix of task '{confusion_task}' on the {split} split (rows: true class, columns: "
             "predicted class; counts over the whole split).", plots.confusion_figure(matrices, classes, confusion_task))
+    _screening(evaluated, task_kinds, report, add, plots, split)
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for label, m in evaluated.items():
         for group, per_task in (m.get("by_group") or {}).items():
@@ -160,6 +161,55 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
 
     _write(report, run, summary, html_path)
     return report
+
+
+SCREENING_KEYS = ("n", "unseen", "accuracy", "balanced_accuracy", "majority_rate", "macro_f1", "macro_auc", "ece")
+
+
+def _screening(evaluated: Mapping[str, Any], task_kinds: Mapping[str, Any], report: Report, add, plots,
+               split: str) -> None:
+    """Screening metrics per classification task and model, and the reliability diagrams."""
+    for task in task_kinds:
+        per_model = {label: m[task] for label, m in evaluated.items() if "reliability" in (m.get(task) or {})}
+        if not per_model:
+            continue
+        report.data.setdefault("screening", {})[task] = {
+            label: {**{k: v.get(k) for k in SCREENING_KEYS},
+                    **{k: v.get(k) for k in ("sensitivity", "specificity", "auc", "sens_at_spec",
+                                             "screening_specificity", "reliability")}}
+            for label, v in per_model.items()}
+        add(f"reliability_{task}", "Calibration",
+            f"Reliability diagram of task '{task}' on the {split} split: rows binned into 15 equal-width bins of "
+            "their highest probability; bars show each bin's accuracy (row count at the foot), dots its mean "
+            "confidence. The dashed diagonal is perfect calibration.",
+            plots.reliability_figure({k: v["reliability"] for k, v in per_model.items()},
+                                     {k: v["ece"] for k, v in per_model.items()}, task))
+        for label, v in per_model.items():
+            if v.get("unseen"):
+                report.notes.append(f"Task '{task}', model {label}: {v['unseen']} of {v['n']} {split} rows have a "
+                                    "label training never saw; they are scored as wrong.")
+
+
+def _screening_tables(screening: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    parts = []
+    for task, per_model in screening.items():
+        parts.append(f"<h3>Task {html.escape(task)}</h3>")
+        parts.append(_table(["model", *SCREENING_KEYS],
+                            [[label, *(_fmt(v.get(k)) for k in SCREENING_KEYS)] for label, v in per_model.items()]))
+        for label, v in per_model.items():
+            spec = v.get("screening_specificity")
+            rows = [[cls, _fmt(v["sensitivity"].get(cls)), _fmt(v["specificity"].get(cls)), _fmt(v["auc"].get(cls)),
+                     _fmt(v["sens_at_spec"].get(cls))] for cls in v["sensitivity"]]
+            parts.append(f"<p>{html.escape(label)}: per class</p>")
+            parts.append(_table(["class", "sensitivity", "specificity", "AUC", f"sensitivity at specificity {spec}"],
+                                rows))
+    return parts
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def _model_figures(run: RunDirectory, registries: Registries, report: Report, add, plots, split: str,
@@ -243,7 +293,9 @@ def _class_probabilities(model, rows: SplitData, device: torch.device, batch_siz
 
 def _topk_by_group(probs: torch.Tensor, rows: SplitData, task: str, tasks: Mapping[str, Any],
                    group_task: str | None) -> dict[str, list[float]]:
-    """Top-K accuracy for K = 1..min(10, classes) over all labeled rows and per true group class."""
+    """Top-K accuracy for K = 1..min(10, classes) over all labeled rows and per true group class.
+
+    Rows whose label training never saw count as misses at every K, as in the evaluate stage."""
     target = rows.targets[task]
     kmax = min(TOPK_MAX, probs.shape[1])
     # rank of the true class: how many classes have a higher probability
@@ -251,6 +303,10 @@ def _topk_by_group(probs: torch.Tensor, rows: SplitData, task: str, tasks: Mappi
     rank = (probs > true_p).sum(1)
     hits = torch.stack([rank < k for k in range(1, kmax + 1)], dim=1).float()  # (N, K)
     present = target["present"]
+    unseen = target.get("unseen")
+    if unseen is not None:
+        hits[unseen] = 0.0
+        present = present | unseen
     groups = {"all": present}
     if group_task and group_task in tasks and group_task in rows.targets:
         g = rows.targets[group_task]
@@ -381,6 +437,10 @@ def _write(report: Report, run: RunDirectory, summary: Mapping[str, Any] | None,
         seconds = f"{record['seconds']:.1f}" if record and "seconds" in record else "not finished"
         stages.append([name, descriptions.get(name, ""), seconds])
     parts.append("<h2>Stages</h2>" + _table(["stage", "what", "seconds"], stages))
+    if report.data.get("screening"):
+        parts.append("<h2>Screening metrics</h2><p>Definitions: docs/metrics.md. \"-\": not defined (e.g. AUC of a "
+                     "class absent from the evaluated labels).</p>")
+        parts += _screening_tables(report.data["screening"])
     sections: dict[str, list[ReportFigure]] = {}
     for fig in report.figures:
         sections.setdefault(fig.section, []).append(fig)

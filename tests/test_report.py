@@ -21,7 +21,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("eye_fundus")
 
 EXPECTED_FIGURES = {"confusion_broad", "metric_by_group", "learning_curves", "topk_fine", "gradcam_broad",
-                    "gradcam_fine", "gradcam_text"}
+                    "gradcam_fine", "gradcam_text", "reliability_broad", "reliability_fine"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def report(run):
         html = run.parent / "out" / "report.html"
         result = CliRunner().invoke(cli, ["report", str(run), "--out", str(html), "--images-per-class", "1"])
         assert result.exit_code == 0, result.output
-        assert "7 figures" in result.output
+        assert "9 figures" in result.output
     return html
 
 
@@ -55,6 +55,26 @@ def test_page_holds_the_metrics_table_and_every_figure(run, report):
     pngs = {p.stem for p in report.parent.glob("*.png")}
     assert pngs == EXPECTED_FIGURES and len(images) == len(pngs) == page.count("<img ")
     assert "http://" not in page and "https://" not in page  # self-contained: nothing to fetch
+
+
+def test_screening_section_shows_the_evaluate_stage_metrics(run, report):
+    page = report.read_text(encoding="utf-8")
+    recorded = read_json(run / "metrics.json")["report"]["test"]
+    screening = read_json(report.parent / "report.json")["screening"]
+    assert set(screening) == {"broad", "fine"}
+    assert "<h2>Screening metrics</h2>" in page and "<h2>Calibration</h2>" in page
+    for task, per_model in screening.items():
+        for label, values in per_model.items():
+            m = recorded[label][task]
+            for key in ("balanced_accuracy", "majority_rate", "macro_auc", "ece", "unseen", "reliability", "auc",
+                        "sens_at_spec"):
+                assert values[key] == m[key]
+            assert sum(b["count"] for b in values["reliability"]) == m["n"]
+            row = f'<tr><td>{label}</td><td class="num">{m["n"]}</td><td class="num">{m["unseen"]}</td>' \
+                  f'<td class="num">{m["accuracy"]:.3f}</td><td class="num">{m["balanced_accuracy"]:.3f}</td>'
+            assert row in page
+            if m["unseen"]:  # the tiny run's val/test hold a label training never saw
+                assert f"model {label}: {m['unseen']} of {m['n']} test rows have a label training never saw" in page
 
 
 def test_confusion_heat_map_shows_the_evaluate_stage_counts(run, report):
@@ -102,7 +122,8 @@ def test_report_without_data_keeps_the_run_directory_figures(run, tmp_path, monk
     set_plugin_manager(None)
     result = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r.html"), "--no-data"])
     assert result.exit_code == 0, result.output
-    assert {p.stem for p in tmp_path.glob("*.png")} == {"confusion_broad", "metric_by_group", "learning_curves"}
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"confusion_broad", "metric_by_group", "learning_curves",
+                                                       "reliability_broad", "reliability_fine"}
     assert "--no-data" in (tmp_path / "r.html").read_text()
 
 
