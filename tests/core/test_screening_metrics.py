@@ -164,3 +164,15 @@ def test_screening_specificity_must_lie_strictly_between_0_and_1(tmp_path, core_
         load_config(path, core_registries)
     assert any(p.startswith("tasks.cluster.screening_specificity") for p in err.value.problems)
     assert str(path) in err.value.render()
+
+
+def test_sensitivity_at_specificity_allows_exactly_the_target():
+    from distillkit.builtin.metrics import sensitivity_at_specificity
+
+    # 10 negatives: specificity 0.90 allows exactly one false positive (the 0.8), so the
+    # threshold drops to 0.5 and catches all three positives; 0.95 allows none (0.9 only)
+    scores = torch.tensor([0.1] * 9 + [0.8] + [0.9, 0.7, 0.5])
+    positive = torch.tensor([False] * 10 + [True] * 3)
+    assert sensitivity_at_specificity(scores, positive, 0.90) == pytest.approx(1.0)
+    assert sensitivity_at_specificity(scores, positive, 0.95) == pytest.approx(1 / 3)
+    assert sensitivity_at_specificity(scores, torch.zeros(13, dtype=torch.bool), 0.9) is None
