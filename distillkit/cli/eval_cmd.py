@@ -94,6 +94,11 @@ def run_eval(model: Path, spec: Any, split: str, *, stages: Sequence[str] = (), 
     for row in rows:
         table.add_row(*map(escape, row))  # labels like teachers[broad] are not markup
     Console(stderr=to_stdout).print(table)
+    for label, metrics in results.items():
+        for name, values in metrics.items():
+            if isinstance(values, dict) and values.get("unseen"):
+                click.echo(f"note: {label}, task '{name}': {values['unseen']} of {values['n']} {split} rows have a "
+                           "label training never saw; they are scored as wrong.", err=True)
     report = {"split": split, "data": data.where, "data_fingerprint": data.fingerprint,
               "models": {label: str(path) for label, path in models}, "metrics": results}
     if to_stdout:

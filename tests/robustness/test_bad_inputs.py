@@ -413,7 +413,7 @@ CASES = [
          warning=True),
     Case("16-bit-image", _converted("I;16"), ("1 of 20 images were 16-bit grayscale (I;16)",), warning=True),
     Case("label-not-in-class-list", _unknown_label(None),
-         ("test split", "1 label of task 'broad'", "'zebra'", "counted as missing"), warning=True),
+         ("test split", "1 label of task 'broad'", "'zebra'", "scored as wrong"), warning=True),
     Case("caption-longer-than-limit", _long_caption,
          ("1 of", "captions of task 'text'", "longer than 5 words", "truncated"), warning=True),
     Case("patient-in-two-suggested-splits", _two_suggested_splits,
