@@ -12,6 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+#: counts and settings, not scores: left out of the per-epoch validation line
+EPOCH_LINE_SKIP = frozenset({"n", "unseen", "screening_specificity"})
+
+
 class Reporter:
     """Run-level messages plus per-stage epoch/step callbacks (see :class:`distillkit.training.Callbacks`)."""
 
@@ -92,7 +96,7 @@ class StageCallbacks:
         parts = [f"loss {record['train_loss']:.4f}"]
         for key, value in val.items():
             if isinstance(value, dict):
-                parts += [f"{key} {k} {v:.3f}" for k, v in value.items() if k != "n"]
+                parts += [f"{key} {k} {v:.3f}" for k, v in value.items() if k not in EPOCH_LINE_SKIP]
             else:
                 parts.append(f"val {key} {value:.4f}")
         self.reporter.message(f"  {self.label} epoch {epoch + 1}: {', '.join(parts)} "

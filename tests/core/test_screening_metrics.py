@@ -176,3 +176,16 @@ def test_sensitivity_at_specificity_allows_exactly_the_target():
     assert sensitivity_at_specificity(scores, positive, 0.90) == pytest.approx(1.0)
     assert sensitivity_at_specificity(scores, positive, 0.95) == pytest.approx(1 / 3)
     assert sensitivity_at_specificity(scores, torch.zeros(13, dtype=torch.bool), 0.9) is None
+
+
+def test_results_table_shows_balanced_accuracy_majority_auc_and_unseen():
+    from distillkit.evaluation import summary_rows
+
+    task = ClassificationTask("dx", ClassificationParams(hidden=0, topk=[1, 2]))
+    seen, unseen = _metrics(ROWS), _metrics(ROWS, unseen_rows=[UNSEEN_ROW])
+    header, rows = summary_rows({"m1": {"dx": seen}}, {"dx": task})
+    assert header == ["model", "dx accuracy", "dx bal. acc", "dx majority", "dx AUC", "dx top-2"]
+    assert rows == [["m1", "0.625", f"{11 / 18:.3f}", "0.375", f"{149 / 180:.3f}", "1.000"]]
+    header, rows = summary_rows({"m1": {"dx": seen}, "m2": {"dx": unseen}}, {"dx": task})
+    assert header[-1] == "dx unseen" and [r[-1] for r in rows] == ["0", "1"]
+    assert rows[1][1:4] == [f"{5 / 9:.3f}", f"{11 / 24:.3f}", f"{3 / 9:.3f}"]
