@@ -203,13 +203,18 @@ class Batch:
 
 def iterate_batches(split: SplitData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, device: torch.device | str = "cpu", tasks: Sequence[str] | None = None,
-                    drop_last: bool = False) -> Iterator[Batch]:
+                    drop_last: bool = False, row_weights: Tensor | None = None) -> Iterator[Batch]:
     """Batches of a split, moved to ``device``.
 
     The order depends only on ``(seed, epoch)``, so an interrupted epoch replays identically.
+    With ``row_weights`` (and ``shuffle``) an epoch draws ``len(split)`` rows with replacement,
+    each with probability proportional to its weight (a class-balanced sampler).
     """
     n = len(split)
-    if shuffle:
+    if shuffle and row_weights is not None:
+        gen = torch.Generator().manual_seed(hash_seed(seed, epoch, "weighted"))
+        order = torch.multinomial(row_weights.double(), n, replacement=True, generator=gen)
+    elif shuffle:
         gen = torch.Generator().manual_seed(hash_seed(seed, epoch))
         order = torch.randperm(n, generator=gen)
     else:
