@@ -191,3 +191,23 @@ def test_class_weights_value_is_validated(core_registries):
     config = toy_config()
     config["tasks"]["cluster"]["class_weights"] = "inverse"
     assert "tasks.cluster.class_weights" in _problems(config, core_registries)
+
+
+def test_class_weights_and_sampler_are_part_of_the_stage_keys(core_registries):
+    from distillkit.runner import plan
+
+    def keys(config: dict) -> dict[str, str]:
+        return {p.name: p.key for p in plan(validate_config(config, core_registries), core_registries)}
+
+    base = keys(toy_config())
+    weighted = toy_config()
+    weighted["tasks"]["cluster"]["class_weights"] = "balanced"
+    changed = keys(weighted)
+    assert changed["m1"] != base["m1"] and changed["m3"] != base["m3"]
+    sampled = toy_config()
+    sampled["training"]["sampler"] = {"kind": "balanced", "task": "quadrant"}
+    assert keys(sampled)["m1"] != base["m1"]
+    explicit = toy_config()
+    explicit["tasks"]["cluster"]["class_weights"] = "none"
+    explicit["training"]["sampler"] = {"kind": "shuffle"}
+    assert keys(explicit) == base  # the defaults are the old behaviour, spelled out
