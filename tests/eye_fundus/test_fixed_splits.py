@@ -112,3 +112,19 @@ def test_the_core_splitter_checks_conflicts_too():
                       pool=np.zeros(2, bool), source="mem", fixed=["val", "test"], fixed_source="mem: column 's'")
     with pytest.raises(DistillkitError, match=r"^mem: column 's': 1 patient is fixed to more than one split: 'p'"):
         split_indices(dataset, SplitParams())
+
+
+def test_a_balanced_sampler_on_a_caption_task_is_a_config_error():
+    """(Class imbalance) a balanced sampler needs a classification task; the caption task is not one."""
+    from distillkit.config import ConfigErrors, validate_config
+    from distillkit.plugins import PluginManager
+    from tests.tiny_runs import tiny_eye_config
+
+    config = tiny_eye_config()
+    config["training"]["sampler"] = {"kind": "balanced", "task": "text"}
+    with pytest.raises(ConfigErrors) as err:
+        validate_config(config, PluginManager().registries, file="eye.yaml")
+    text = str(err.value)
+    assert text.startswith("eye.yaml:") and "training.sampler.task" in text and "'text' is a caption task" in text
+    config["training"]["sampler"] = {"kind": "balanced", "task": "broad"}
+    assert validate_config(config, PluginManager().registries).training.sampler.task == "broad"
