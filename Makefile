@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/distillkit run plugins/eye_fundus/m3.yaml
 
+# The report's browser test needs Chromium: installed (Debian package) when missing.
 test: install
+	scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 # Also the integration tests (they use ../shared/datasets/fundus-mix when present).
 test-all: install
+	scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -m "integration or not integration"
 
 bench: install

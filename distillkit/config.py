@@ -305,6 +305,27 @@ def _training(v: _Validator, raw: Any, path: str) -> TrainingParams | None:
     return training.model_copy(update={"augment": augment}) if augment is not None else None
 
 
+def _check_samplers(v: _Validator, training: TrainingParams | None, stages: Mapping[str, BaseModel],
+                    tasks: Mapping[str, BaseModel], raw_stages: Mapping[str, Any]) -> None:
+    """A balanced sampler must name a classification task of the run."""
+    from distillkit.builtin.classification import ClassificationParams
+
+    places: list[tuple[str, Any]] = [("training.sampler", training.sampler if training is not None else None)]
+    for name, params in stages.items():
+        own = (raw_stages.get(name) or {}).get("training") if isinstance(raw_stages.get(name), Mapping) else None
+        if isinstance(own, Mapping) and "sampler" in own:  # inherited ones are checked once, above
+            places.append((f"stages.{name}.training.sampler", getattr(params, "training").sampler))
+    for path, sampler in places:
+        if sampler is None or sampler.kind != "balanced" or not tasks:
+            continue
+        if sampler.task not in tasks:
+            v.problem(f"{path}.task", f"unknown task '{sampler.task}'.{did_you_mean(str(sampler.task), tasks)} "
+                                      f"Tasks of this run: {', '.join(tasks)}.")
+        elif not isinstance(tasks[sampler.task], ClassificationParams):
+            v.problem(f"{path}.task", f"task '{sampler.task}' is a {getattr(tasks[sampler.task], 'kind', '?')} task; "
+                                      f"a balanced sampler balances the classes of a classification task.")
+
+
 def validate_config(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
                     lines: Mapping[str, int] | None = None, base_dir: Path | None = None) -> RunConfig:
     v = _Validator(registries, file, lines or {})
@@ -375,6 +396,7 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
             params = params.model_copy(update={"training": stage_training})
         stages[str(name)] = params
 
+    _check_samplers(v, training, stages, tasks, raw_stages if isinstance(raw_stages, Mapping) else {})
     if v.problems:
         raise ConfigErrors(file, v.problems)
     assert dataset is not None and split is not None and student is not None and training is not None

@@ -36,9 +36,20 @@ class Dataset:
     ids: list[str]
     pool: np.ndarray
     source: str = "dataset"
+    #: per item, a split it is fixed to (``train``/``val``/``test``/``unlabeled``) or ``None``
+    #: (split at random, by group); ``None`` for the whole list: nothing is fixed
+    fixed: list[str | None] | None = None
+    #: where the fixed splits come from, for messages (e.g. ``"manifest.csv, column 'split'"``)
+    fixed_source: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.inputs)
+        if self.fixed is not None:
+            if len(self.fixed) != n:
+                raise ValueError("fixed must have one entry per input")
+            bad = sorted({v for v in self.fixed if v is not None and v not in SPLITS})
+            if bad:
+                raise ValueError(f"fixed split values must be one of {SPLITS}, got {bad}")
         for name, values in self.labels.items():
             if len(values) != n:
                 raise ValueError(f"label field {name!r} has {len(values)} values for {n} inputs")
@@ -103,6 +114,49 @@ class SplitParams(Params):
         return self
 
 
+def fixed_split_conflicts(groups: Sequence[str], fixed: Sequence[str | None], pool: np.ndarray) -> dict[str, str]:
+    """Patients whose fixed splits cannot all hold, each with the reason.
+
+    A patient may have rows fixed to one of train/val/test (its unfixed rows follow it there),
+    plus rows fixed to ``unlabeled`` only if it trains. Conflicts: two of train/val/test;
+    ``unlabeled`` with val or test (a held-out patient's pool images never join the pool);
+    ``unlabeled`` with labeled rows left unfixed (the random split could hold them out).
+    """
+    seen: dict[str, set[str]] = {}
+    unfixed_labeled: set[str] = set()
+    for g, v, is_pool in zip(groups, fixed, pool):
+        if not g:
+            continue
+        if v is not None:
+            seen.setdefault(g, set()).add(v)
+        elif not is_pool:
+            unfixed_labeled.add(g)
+    out: dict[str, str] = {}
+    for g, values in seen.items():
+        held = sorted(values - {"unlabeled"})
+        if len(held) > 1:
+            out[g] = " and ".join(held)
+        elif "unlabeled" in values and held and held[0] != "train":
+            out[g] = f"unlabeled and {held[0]}"
+        elif values == {"unlabeled"} and g in unfixed_labeled:
+            out[g] = "unlabeled and (by patient grouping) a random split"
+    return out
+
+
+def check_fixed_splits(groups: Sequence[str], fixed: Sequence[str | None], pool: np.ndarray, where: str) -> None:
+    """Raise naming the first few patients (and how many) whose fixed splits conflict."""
+    conflicts = fixed_split_conflicts(groups, fixed, pool)
+    if not conflicts:
+        return
+    names = sorted(conflicts)
+    shown = "; ".join(f"'{g}' ({conflicts[g]})" for g in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    raise DistillkitError(
+        f"{len(names)} patient{'s are' if len(names) > 1 else ' is'} fixed to more than one split: {shown}{more}.",
+        where=where, hint="A patient's rows must all be in one split (rows fixed to unlabeled: only beside train); "
+                          "fix them to one split or leave the cells empty.")
+
+
 def split_indices(dataset: Dataset, params: SplitParams) -> dict[str, np.ndarray]:
     """Indices of train / val / test / unlabeled, disjoint by group.
 
@@ -110,22 +164,39 @@ def split_indices(dataset: Dataset, params: SplitParams) -> dict[str, np.ndarray
     until they reach their fraction of the labeled items; training takes a prefix of the
     remaining order. Hence a smaller ``train_fraction`` gives a subset of a larger one
     (nested), and val/test do not depend on ``train_fraction`` at all.
+
+    With ``dataset.fixed``, a group with rows fixed to train/val/test goes there whole, rows
+    fixed to ``unlabeled`` join the pool, and the fractions apply to the remaining labeled
+    items (see docs/design.md, "Fixed splits").
     """
-    labeled = np.flatnonzero(~dataset.pool)
+    pool = dataset.pool
+    fixed_of: dict[str, str] = {}
+    if dataset.fixed is not None:
+        pool = pool | np.asarray([v == "unlabeled" for v in dataset.fixed], dtype=bool)
+        check_fixed_splits(dataset.groups, dataset.fixed, pool, dataset.fixed_source or dataset.source)
+        for i, v in enumerate(dataset.fixed):
+            if v is not None and v != "unlabeled":
+                fixed_of[dataset.groups[i] or f"\0item{i}"] = v
+    labeled = np.flatnonzero(~pool)
     if len(labeled) == 0:
         raise DistillkitError("the dataset has no labeled items.", where=dataset.source)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
     groups: dict[str, list[int]] = {}
     for i in labeled:
-        groups.setdefault(dataset.groups[i] or f"\0item{i}", []).append(int(i))
+        key = dataset.groups[i] or f"\0item{i}"
+        if key in fixed_of:
+            out[fixed_of[key]].append(int(i))
+        else:
+            groups.setdefault(key, []).append(int(i))
     names = sorted(groups)
     order = np.random.default_rng(params.seed).permutation(len(names))
-    n = len(labeled)
-    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    n = sum(len(v) for v in groups.values())
     quota = {"test": params.test * n, "val": params.val * n, "train": params.train_fraction * n}
     target = "test"
+    base = {k: len(v) for k, v in out.items()}  # fixed rows do not count towards the quotas
     for g in order:
         items = groups[names[g]]
-        while target != "rest" and len(out[target]) >= quota[target] - 1e-9:
+        while target != "rest" and len(out[target]) - base[target] >= quota[target] - 1e-9:
             target = {"test": "val", "val": "train", "train": "rest"}[target]
         if target == "rest":
             if params.unused_to_unlabeled:
@@ -135,12 +206,13 @@ def split_indices(dataset: Dataset, params: SplitParams) -> dict[str, np.ndarray
     # A pool image of a patient whose labeled images are in val or test would leak that
     # patient into training: such pool images are left out.
     held_out = {dataset.groups[i] for i in out["val"] + out["test"] if dataset.groups[i]}
-    out["unlabeled"].extend(int(i) for i in np.flatnonzero(dataset.pool)
+    out["unlabeled"].extend(int(i) for i in np.flatnonzero(pool)
                             if not dataset.groups[i] or dataset.groups[i] not in held_out)
     for name in ("train", "val", "test"):
         if not out[name]:
             raise DistillkitError(
-                f"the {name} split is empty ({n} labeled items in {len(names)} patients/groups).",
+                f"the {name} split is empty ({len(labeled)} labeled items in {len(names) + len(fixed_of)} "
+                f"patients/groups).",
                 where=dataset.source, hint="Use more data or larger split fractions.",
             )
     return {k: np.asarray(sorted(v), dtype=np.int64) for k, v in out.items()}
@@ -203,13 +275,18 @@ class Batch:
 
 def iterate_batches(split: SplitData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, device: torch.device | str = "cpu", tasks: Sequence[str] | None = None,
-                    drop_last: bool = False) -> Iterator[Batch]:
+                    drop_last: bool = False, row_weights: Tensor | None = None) -> Iterator[Batch]:
     """Batches of a split, moved to ``device``.
 
     The order depends only on ``(seed, epoch)``, so an interrupted epoch replays identically.
+    With ``row_weights`` (and ``shuffle``) an epoch draws ``len(split)`` rows with replacement,
+    each with probability proportional to its weight (a class-balanced sampler).
     """
     n = len(split)
-    if shuffle:
+    if shuffle and row_weights is not None:
+        gen = torch.Generator().manual_seed(hash_seed(seed, epoch, "weighted"))
+        order = torch.multinomial(row_weights.double(), n, replacement=True, generator=gen)
+    elif shuffle:
         gen = torch.Generator().manual_seed(hash_seed(seed, epoch))
         order = torch.randperm(n, generator=gen)
     else:

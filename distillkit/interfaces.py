@@ -104,6 +104,13 @@ class Task(ABC):
     def hard_loss(self, logits: Tensor, target: Mapping[str, Tensor]) -> Tensor:
         """Per-row cross-entropy to the labels, ``(B,)``; rows without a label give 0."""
 
+    def hard_row_weights(self, target: Mapping[str, Tensor]) -> Tensor | None:
+        """Each row's weight in the hard loss's weighted mean, ``(B,)``, or ``None`` (all 1).
+
+        A task whose :meth:`hard_loss` weights rows (class weights) returns the same weights
+        here, so the loss divides by their sum, as ``F.cross_entropy(weight=...)`` does."""
+        return None
+
     @abstractmethod
     def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
         """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2."""

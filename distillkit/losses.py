@@ -64,7 +64,14 @@ class KDLoss(Loss):
                 target = targets[name]
                 ce = task.hard_loss(z, target)
                 present = target["present"]
-                denom = present.sum().clamp_min(1) if self.params.normalize_by_present else len(ce)
+                w = task.hard_row_weights(target)
+                if w is None:
+                    denom = present.sum().clamp_min(1) if self.params.normalize_by_present else len(ce)
+                elif self.params.normalize_by_present:
+                    # Class-weighted CE: a weighted mean, as F.cross_entropy(weight=w) (ce already holds w[y]).
+                    denom = (w * present).sum().clamp_min(1e-12)
+                else:
+                    denom = len(ce)
                 hard = (ce * present).sum() / denom  # bool * float promotes: no cast needed
                 term = hard if soft is None else (1.0 - alpha) * hard
             if soft is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from distillkit.checkpoint import (STATE_FORMAT, load_tensors, optimizer_from_tensors, optimizer_to_tensors,
                                    save_model, save_tensors, load_model_state)
@@ -42,6 +42,32 @@ class EarlyStoppingParams(Params):
     min_delta: float = Field(0.0, ge=0)
 
 
+SAMPLER_KINDS = ("shuffle", "balanced")
+
+
+class SamplerParams(Params):
+    """How a training epoch draws its rows: ``shuffle`` (each row once, the default) or
+    ``balanced`` (rows drawn with replacement so that ``task``'s classes come up equally often)."""
+
+    kind: str = "shuffle"
+    #: the classification task whose classes are balanced (``kind: balanced`` only)
+    task: Optional[str] = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in SAMPLER_KINDS:
+            raise ValueError(f"unknown sampler kind '{value}'.{did_you_mean(value, SAMPLER_KINDS)} "
+                             f"Valid kinds: {', '.join(SAMPLER_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _task_given(self) -> "SamplerParams":
+        if self.kind == "balanced" and not self.task:
+            raise ValueError("a balanced sampler needs 'task': the classification task whose classes it balances")
+        return self
+
+
 class TrainingParams(Params):
     optimizer: OptimizerParams = OptimizerParams()
     batch_size: int = Field(128, ge=1)
@@ -59,6 +85,8 @@ class TrainingParams(Params):
     #: with a frozen encoder part: train on its output computed once per image and stored as
     #: ``fp32`` or ``fp16``, or ``off`` to run it at every step (see docs/feature_cache.md)
     feature_cache: Literal["fp32", "fp16", "off"] = "fp32"
+    #: ``{kind: balanced, task: <task>}`` draws class-balanced epochs (see docs/design.md)
+    sampler: SamplerParams = SamplerParams()
 
 
 class Callbacks(Protocol):
@@ -71,6 +99,28 @@ class NullCallbacks:
     def on_epoch_start(self, epoch, total_epochs, steps): pass
     def on_step(self): pass
     def on_epoch_end(self, epoch, record): pass
+
+
+def sampler_weights(train: SplitData, sampler: SamplerParams) -> Tensor | None:
+    """Each training row's draw probability under a balanced sampler, or ``None`` (shuffle).
+
+    Rows labeled for the sampler's task keep their share of the epoch (n_labeled / n), split
+    equally among its classes and, within a class, equally among its rows; rows without a label
+    for the task (or with a label outside the class list) keep their plain 1/n. A split without
+    labels (a stage on the unlabeled pool) is shuffled as usual: there is nothing to balance.
+    """
+    if sampler.kind != "balanced" or train.targets is None or sampler.task not in train.targets:
+        return None
+    y, present = train.targets[sampler.task]["y"], train.targets[sampler.task]["present"]
+    n = len(y)
+    if n == 0 or not bool(present.any()):
+        return None
+    counts = torch.bincount(y[present])
+    classes = int((counts > 0).sum())
+    share = float(present.sum()) / n
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w[present] = share / (classes * counts[y[present]].double())
+    return w
 
 
 def make_optimizer(model: torch.nn.Module, p: OptimizerParams) -> torch.optim.Optimizer:
@@ -215,6 +265,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             append_jsonl(log_path, record)
 
     steps = math.ceil(len(train) / params.batch_size)
+    row_weights = sampler_weights(train, params.sampler)
     # A run that already stopped early stays stopped: resuming it must not train on.
     first_epoch = params.epochs if es is not None and state["bad_epochs"] >= es.patience else state["epoch"]
     for epoch in range(first_epoch, params.epochs):
@@ -225,6 +276,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         step_losses = torch.zeros(steps, 1 + len(tasks), device=device)
         step_rows: list[int] = []
         for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                                     row_weights=row_weights,
                                                      device=device, tasks=list(tasks) if use_labels else None)):
             if augment is not None:  # before the teachers: they must see the same view
                 batch = Batch(batch.index, augment(batch.inputs), batch.targets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ class ClassificationParams(Params):
     unknown_labels: str = Field("skip", pattern="^(error|skip)$")
     #: the specificity at which each class's screening sensitivity is reported (``sens_at_spec``)
     screening_specificity: float = Field(0.90, gt=0, lt=1)
+    #: per-class weights of the cross-entropy (the supervised loss and the hard-label part of
+    #: distillation): ``none``, or ``balanced`` = n / (C * count_c) over the training split's
+    #: labeled rows, as scikit-learn's ``class_weight="balanced"``. The KL term is not weighted.
+    class_weights: Literal["none", "balanced"] = "none"
 
 
 class ClassificationTask(Task):
@@ -50,6 +54,8 @@ class ClassificationTask(Task):
         super().__init__(name, params)
         self.classes: list[str] = []
         self._index: dict[str, int] = {}
+        #: ``(C,)`` CE weight of each class, or ``None`` (unweighted); set by :meth:`fit`
+        self.class_weights: Tensor | None = None
 
     # labels -------------------------------------------------------------------------------
     def fit(self, labels: Sequence[str | None]) -> None:
@@ -57,6 +63,9 @@ class ClassificationTask(Task):
         keep = sorted(c for c, n in counts.items() if n >= self.params.min_count)
         self.classes = keep
         self._index = {c: i for i, c in enumerate(keep)}
+        self.class_weights = None
+        if self.params.class_weights == "balanced":
+            self.class_weights = balanced_weights([counts[c] for c in keep])
 
     def encode(self, labels: Sequence[str | None], where: str = "") -> dict[str, Tensor]:
         y = torch.zeros(len(labels), dtype=torch.long)
@@ -114,7 +123,15 @@ class ClassificationTask(Task):
 
     # losses -------------------------------------------------------------------------------
     def hard_loss(self, logits: Tensor, target: Mapping[str, Tensor]) -> Tensor:
-        return F.cross_entropy(logits.float(), target["y"], reduction="none")
+        w = self.class_weights
+        if w is not None:
+            w = w.to(logits.device)
+        return F.cross_entropy(logits.float(), target["y"], weight=w, reduction="none")
+
+    def hard_row_weights(self, target: Mapping[str, Tensor]) -> Tensor | None:
+        if self.class_weights is None:
+            return None
+        return self.class_weights.to(target["y"].device)[target["y"]]
 
     def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
         return kl_rows(logits, soft["probs"], tau)
@@ -133,6 +150,18 @@ class ClassificationTask(Task):
 
     def describe(self) -> str:
         return f"classification of '{self.field}' over {self.num_classes} classes"
+
+
+def balanced_weights(counts: Sequence[int]) -> Tensor:
+    """scikit-learn's ``balanced`` class weights, n / (C * count_c), for the training counts.
+
+    Every class of a fitted task has count >= 1 (the class list is learned from the same
+    training rows), so no weight is infinite; a class-frequency-weighted mean of them is 1.
+    """
+    c = torch.tensor(counts, dtype=torch.float64)
+    if len(c) == 0 or bool((c <= 0).any()):
+        raise ValueError(f"balanced class weights need a positive count for every class (got {list(counts)})")
+    return (c.sum() / (len(c) * c)).float()
 
 
 class ClassificationMetrics(MetricAccumulator):

@@ -161,6 +161,9 @@ class ManifestParams(Params):
     split_column: str | None = None
     #: keep only rows whose split value is listed (needs split_column); ``null`` keeps all
     include_splits: list[str] | None = None
+    #: the split column fixes each row's split: train/val/test/unlabeled, empty = split at random
+    #: by patient as usual (needs split_column; see docs/design.md, "Fixed splits")
+    fixed_splits: bool = False
     #: a missing or corrupt image: "error" stops naming the row, "skip" leaves it out with a warning
     on_bad_image: Literal["error", "skip"] = "error"
 
@@ -168,6 +171,8 @@ class ManifestParams(Params):
     def _splits_need_a_column(self) -> "ManifestParams":
         if self.include_splits is not None and self.split_column is None:
             raise ValueError("include_splits needs split_column (the column the split values are read from)")
+        if self.fixed_splits and self.split_column is None:
+            raise ValueError("fixed_splits needs split_column (the column the splits are read from)")
         return self
 
 
@@ -193,7 +198,7 @@ class ManifestSource(DatasetSource):
     def columns(self) -> ManifestColumns:
         p = self.params
         return ManifestColumns(image=p.image_column, patient_id=p.patient_column, fields=dict(p.fields),
-                               split=p.split_column, include_splits=p.include_splits)
+                               split=p.split_column, include_splits=p.include_splits, fixed_splits=p.fixed_splits)
 
     def fingerprint(self) -> str:
         """Params plus the manifest's bytes: editing a label changes every stage hash.
@@ -221,7 +226,8 @@ class ManifestSource(DatasetSource):
             if not len(rows):
                 raise DistillkitError("none of the manifest's images can be read.", where=str(self.manifest_path))
         return Dataset(inputs=store.images, labels=rows.labels, groups=rows.groups, ids=rows.names,
-                       pool=rows.pool, source=str(rows.path))
+                       pool=rows.pool, source=str(rows.path), fixed=rows.fixed,
+                       fixed_source=f"{rows.path}: column '{self.params.split_column}'")
 
     def _manifest_bytes(self) -> bytes:
         try:

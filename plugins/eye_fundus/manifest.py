@@ -20,6 +20,10 @@ Rules:
   id makes the image its own group.
 * With a split column, ``include_splits`` keeps only rows whose value is listed (compared
   case-insensitively); by default every row is kept. Other columns are ignored.
+* With ``fixed_splits`` (opt-in), the split column fixes each row's split: ``train``, ``val``,
+  ``test`` or ``unlabeled`` (case-insensitive); an empty cell leaves the row to the random
+  patient-grouped split. Another value is an error naming the line; a patient fixed to two
+  splits is an error naming the patients (see docs/design.md, "Fixed splits").
 
 Every mistake raises :class:`~distillkit.errors.DistillkitError` naming the file and line.
 """
@@ -36,11 +40,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from distillkit.data import check_fixed_splits
 from distillkit.errors import DistillkitError, did_you_mean
 
 #: dataset label field -> CSV column, as in fundus-mix
 DEFAULT_FIELDS = {"broad_label": "broad_label", "fine_label": "fine_label", "diagnosis_text": "diagnosis_text"}
 UNLABELED_SPLIT = "unlabeled"
+FIXED_SPLITS = ("train", "val", "test", "unlabeled")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class ManifestColumns:
     split: str | None = None
     #: keep only rows whose split value is one of these (``None``: keep every row)
     include_splits: Sequence[str] | None = None
+    #: the split column fixes each row's split (train/val/test/unlabeled; empty: split at random)
+    fixed_splits: bool = False
 
 
 @dataclass
@@ -75,6 +83,8 @@ class ManifestRows:
     labels: dict[str, list[str | None]]
     #: the split column's value per row (``None`` without a split column or for an empty cell)
     splits: list[str | None]
+    #: with ``fixed_splits``: the split each row is fixed to (lower case), ``None`` = not fixed
+    fixed: list[str | None] | None
     #: True for unlabeled-pool rows
     pool: np.ndarray
     #: sha256 of the file's bytes
@@ -97,7 +107,8 @@ class ManifestRows:
         pick = lambda values: [values[i] for i in idx]  # noqa: E731
         return replace(self, images=pick(self.images), names=pick(self.names), lines=pick(self.lines),
                        groups=pick(self.groups), labels={k: pick(v) for k, v in self.labels.items()},
-                       splits=pick(self.splits), pool=self.pool[idx])
+                       splits=pick(self.splits), pool=self.pool[idx],
+                       fixed=None if self.fixed is None else pick(self.fixed))
 
 
 def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
@@ -117,6 +128,8 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
         path = Path(base_dir) / path
     if columns.include_splits is not None and columns.split is None:
         raise DistillkitError("include_splits needs a split column to read the split from.", where=str(path))
+    if columns.fixed_splits and columns.split is None:
+        raise DistillkitError("fixed_splits needs a split column to read the splits from.", where=str(path))
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -135,8 +148,8 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
 
     folder = path.parent
     include = None if columns.include_splits is None else {s.strip().lower() for s in columns.include_splits}
-    rows = ManifestRows(path, [], [], [], [], {name: [] for name in columns.fields}, [], np.zeros(0, bool),
-                        hashlib.sha256(raw).hexdigest())
+    rows = ManifestRows(path, [], [], [], [], {name: [] for name in columns.fields}, [],
+                        [] if columns.fixed_splits else None, np.zeros(0, bool), hashlib.sha256(raw).hexdigest())
     pool: list[bool] = []
     first_line: dict[str, int] = {}  # normalised image path -> line that listed it first
     suggested: dict[str, set[str]] = {}  # patient -> its rows' split values (pool rows aside)
@@ -175,6 +188,14 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
         rows.groups.append(patient or f"image:{name}")
         rows.splits.append(split)
         pool.append(unlabeled)
+        if rows.fixed is not None:
+            value = (split or "").lower() or None
+            if value is not None and value not in FIXED_SPLITS:
+                raise DistillkitError(
+                    f"split value '{split}' in column '{columns.split}' is not a split.{did_you_mean(value, FIXED_SPLITS)} "
+                    f"With fixed_splits the column holds {', '.join(FIXED_SPLITS)} or nothing (split at random).",
+                    where=where)
+            rows.fixed.append(value)
 
     if not rows.images:
         if rows.filtered_out:
@@ -182,10 +203,12 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                                   f"'{columns.split}' ({rows.filtered_out} rows dropped).", where=str(path))
         raise DistillkitError("the manifest has a header but no rows.", where=str(path))
     rows.pool = np.asarray(pool, dtype=bool)
+    if rows.fixed is not None:
+        check_fixed_splits(rows.groups, rows.fixed, rows.pool, f"{path}: column '{columns.split}'")
     # Accepted: distillkit splits by patient itself and reads the split column only for
     # include_splits and the pool. But such a column is no patient-level split: say so.
     mixed = sorted(p for p, values in suggested.items() if len(values) > 1)
-    if mixed:
+    if mixed and not columns.fixed_splits:
         n = len(mixed)
         rows.notes.append(f"{n} patient{'s' if n > 1 else ''} of {path} {'have' if n > 1 else 'has'} rows in more "
                           f"than one suggested split (column '{columns.split}'), e.g. '{mixed[0]}' in "
