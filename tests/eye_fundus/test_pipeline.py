@@ -65,3 +65,5 @@ def test_main_job_m3_distils_from_the_ensemble_on_the_pool():
     assert m3.data == "unlabeled"
     paper = load_config(REPO / "plugins" / "eye_fundus" / "paper.yaml", PluginManager().registries)
     assert paper.stages["m3"].teachers == ["m2", "teachers"]
+    assert paper.tasks["text"].reduction == "sum"  # section 3.1: CE summed over the generated words
+    assert paper.tasks["text"].min_caption_count == 10  # section 4.1
