@@ -136,18 +136,41 @@ def test_unlabeled_distillation_reads_no_label(tmp_path, core_registries):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries):
+def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries, monkeypatch):
+    """The teachers a distillation stage actually used hold, after it, the weights (and buffers)
+    of an independent copy of the checkpoint loaded before the stage ran."""
+    from distillkit.stages import StageContext
+
     config = toy_config()
     config["stages"] = {"m1": {"kind": "train"},
                         "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"],
                                "teacher_outputs": {"mode": "online"}}}
     cfg = load_config(write_config(tmp_path, config), core_registries)
-    runner = Runner(cfg, core_registries, tmp_path / "run")
-    runner.run()
+    first = {**config, "stages": {"m1": config["stages"]["m1"]}}
+    Runner(load_config(write_config(tmp_path, first, "first.yaml"), core_registries), core_registries,
+           tmp_path / "run").run()
     path = tmp_path / "run" / "stages" / "m1" / "model.safetensors"
     before, _ = load_model_state(path)
-    teacher = runner.teachers(["m1"])[0]
-    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+    before = {k: v.clone() for k, v in before.items()}
+    used = []
+    real = StageContext.teachers
+
+    def spy(self, stages):
+        teachers = real(self, stages)
+        used.extend(teachers)
+        return teachers
+
+    monkeypatch.setattr(StageContext, "teachers", spy)
+    runner = Runner(cfg, core_registries, tmp_path / "run")
+    runner.run()
+    assert used, "the distillation stage loaded no teacher"
+    for teacher in used:
+        state = teacher.model.state_dict()
+        assert set(state) == set(before)
+        for key, value in state.items():
+            assert torch.equal(value.cpu(), before[key]), key
+    after, _ = load_model_state(path)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nor was the checkpoint rewritten
     m2, _ = load_model_state(tmp_path / "run" / "stages" / "m2" / "model.safetensors")
     assert any(not torch.equal(before[k], m2[k]) for k in before)  # the student did move
 
