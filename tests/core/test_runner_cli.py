@@ -219,3 +219,34 @@ def test_a_failed_rerun_keeps_earlier_results_in_metrics_json(tmp_path, runner, 
     assert result.exit_code == 2 and "simulated failure" in result.output
     after = json.loads((out / "metrics.json").read_text())
     assert after == before  # m2, m3 and report were not reached: their earlier results stay
+
+
+def test_each_stage_trains_on_its_split_and_selects_on_validation(tmp_path, core_registries, monkeypatch):
+    """M1/M2 fit the labeled training split, M3 the unlabeled pool; every stage picks its best
+    epoch on the validation split (never the test split)."""
+    import distillkit.stages as stages_module
+
+    config = toy_config()
+    config["stages"] = {"m1": {"kind": "train"},
+                        "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"], "data": "labeled"},
+                        "m3": {"kind": "distill", "init": "m2", "teachers": ["m2"], "data": "unlabeled"}}
+    config["training"]["epochs"] = 1
+    cfg = load_config(write_config(tmp_path, config), core_registries)
+    seen = {}
+    real_fit = stages_module.fit
+
+    def spy(model, tasks, loss_fn, train, val, *args, stage=None, **kwargs):
+        seen[stage] = (train.indices.copy(), val.indices.copy())
+        return real_fit(model, tasks, loss_fn, train, val, *args, stage=stage, **kwargs)
+
+    monkeypatch.setattr(stages_module, "fit", spy)
+    runner = Runner(cfg, core_registries, tmp_path / "run")
+    runner.run()
+    splits = {name: set(split.indices.tolist()) for name, split in runner.splits.items()}
+    assert splits["unlabeled"] and not splits["unlabeled"] & splits["train"]
+    assert splits["val"] != splits["test"]
+    expected_train = {"m1": "train", "m2": "train", "m3": "unlabeled"}
+    assert set(seen) == set(expected_train)
+    for stage, (train, val) in seen.items():
+        assert set(train.tolist()) == splits[expected_train[stage]], stage
+        assert set(val.tolist()) == splits["val"], stage
