@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
@@ -102,6 +102,13 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                             f"blocks ({', '.join(f'student.{f}.freeze' for f in frozen)}) see at every step, "
                             f"which their feature cache cannot hold; set stages.{name}.training.feature_cache: "
                             f"off (or remove the augmentation).")
+        temperature = getattr(stage.params, "temperature", None)
+        if isinstance(temperature, Mapping):
+            own = stage.task_names(all_tasks)
+            for task in temperature:
+                if task not in own:
+                    problems.append(f"stages.{name}.temperature.{task}: '{task}' is not a task of this stage."
+                                    f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")

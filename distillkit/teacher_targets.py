@@ -2,8 +2,11 @@
 
 For one task, sum_k KL(p_k || q) = K * CE(mean_k p_k, q) - sum_k H(p_k): the second term does
 not depend on the student, so distilling from every teacher that learned a task has the same
-student gradient as distilling from the mean of their tempered distributions, times K. We
-therefore aggregate once per image (the policy may weight teachers unequally), store the
+student gradient as distilling from the mean of their tempered distributions, times K. The
+loss uses the mean (the sum divided by K), which is not a matter of lambda alone: with labels
+(M2) it sets the soft term's weight against the cross-entropy to alpha / (1 - alpha) instead of
+K alpha / (1 - alpha) (docs/design.md gives the alpha that matches the sum); without labels
+(M3) it scales the whole loss by 1/K. We therefore aggregate once per image (the policy may weight teachers unequally), store the
 result, and let the student train at the cost of training without teachers.
 
 Storage of a distribution (``probs``) can be ``fp32``, ``fp16`` (renormalised on read) or

@@ -14,6 +14,7 @@ every loss and never scored by BLEU.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import Any, Literal, Mapping, Sequence
 
@@ -47,6 +48,13 @@ class CaptionParams(Params):
     vocab_size: int = Field(193, ge=1)
     #: words seen fewer times than this in training become <unk>
     min_count: int = Field(1, ge=1)
+    #: diagnoses (whole captions, after tokenisation) seen fewer times than this in training are
+    #: dropped from the task's target in every split (the row keeps its other tasks); the paper: 10
+    min_caption_count: int = Field(1, ge=1)
+    #: per caption, ``sum`` or ``mean`` the cross-entropy (and the KL) over its generated words and
+    #: EOS; the batch is then averaged. The paper sums (section 3.1); ``mean`` keeps short and long
+    #: captions on one scale and is the default of existing configs
+    reduction: Literal["sum", "mean"] = "mean"
     #: words per caption; longer captions are truncated (the paper: 14)
     max_length: int = Field(14, ge=1)
     embedding_dim: int = Field(256, ge=1)
@@ -59,9 +67,14 @@ class CaptionParams(Params):
     bleu: Literal["corpus", "sentence_average"] = "corpus"
 
 
+_WORD = re.compile(r"[0-9a-z]+(?:['-][0-9a-z]+)*")
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-case whitespace tokens: diagnoses are short clinical phrases without markup."""
-    return text.lower().split()
+    """Lower-case words: runs of letters and digits, keeping a hyphen or apostrophe inside a
+    word ("non-proliferative", "o'brien"); every other character (punctuation, whitespace)
+    separates words, so "cataract," and "cataract" are the same word."""
+    return _WORD.findall(text.lower())
 
 
 class CaptionDecoder(nn.Module):
@@ -107,9 +120,16 @@ class CaptionTask(Task):
         #: id -> token, the four specials first
         self.vocabulary: list[str] = []
         self._index: dict[str, int] = {}
+        #: the captions kept by ``min_caption_count`` (None: all of them)
+        self._kept: set[str] | None = None
 
     # labels -------------------------------------------------------------------------------
     def fit(self, labels: Sequence[str | None]) -> None:
+        self._kept = None
+        if self.params.min_caption_count > 1:
+            captions = Counter(" ".join(tokenize(text)) for text in labels if text is not None)
+            self._kept = {c for c, n in captions.items() if n >= self.params.min_caption_count and c}
+            labels = [t if t is not None and " ".join(tokenize(t)) in self._kept else None for t in labels]
         counts = Counter(w for text in labels if text is not None for w in tokenize(text))
         # Most frequent first, ties alphabetical, so the vocabulary never depends on row order.
         ranked = sorted((w for w, n in counts.items() if n >= self.params.min_count and w not in SPECIALS),
@@ -143,6 +163,8 @@ class CaptionTask(Task):
         truncated = 0
         for i, text in enumerate(labels):
             words = tokenize(text) if text is not None else []
+            if self._kept is not None and " ".join(words) not in self._kept:
+                continue  # a rare diagnosis (min_caption_count): no target for this task
             if len(words) > self.params.max_length:
                 truncated += 1
                 words = words[: self.params.max_length]
@@ -163,7 +185,10 @@ class CaptionTask(Task):
         return [" ".join(self.vocabulary[i] for i in strip_special(row, eos=EOS, skip=(PAD, SOS))) for row in rows]
 
     def state(self) -> dict[str, Any]:
-        return {"vocabulary": list(self.vocabulary)}
+        state: dict[str, Any] = {"vocabulary": list(self.vocabulary)}
+        if self._kept is not None:
+            state["kept_captions"] = sorted(self._kept)
+        return state
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         vocabulary = list(state.get("vocabulary", []))
@@ -171,6 +196,8 @@ class CaptionTask(Task):
             raise DistillkitError(f"the saved state of caption task '{self.name}' has no valid vocabulary "
                                   f"(it must start with {', '.join(SPECIALS)}).")
         self._set_vocabulary(vocabulary)
+        kept = state.get("kept_captions")
+        self._kept = set(kept) if kept is not None else None
 
     # model --------------------------------------------------------------------------------
     def build_head(self, in_features: int) -> nn.Module:
@@ -311,20 +338,26 @@ class CaptionTask(Task):
 
     # losses -------------------------------------------------------------------------------
     def hard_loss(self, logits: Tensor, target: Mapping[str, Tensor]) -> Tensor:
-        """Mean cross-entropy over each caption's words and its EOS; 0 for rows without one."""
+        """Cross-entropy over each caption's words and its EOS, summed or averaged per caption
+        (``reduction``); 0 for rows without one."""
         gold = target["tokens"][:, 1 : self.steps + 1]
         valid = gold != PAD
         ce = F.cross_entropy(logits.float().flatten(0, 1), gold.flatten(), ignore_index=PAD,
                              reduction="none").view_as(gold)
-        per_row = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
+        per_row = (ce * valid).sum(1)
+        if self.params.reduction == "mean":
+            per_row = per_row / valid.sum(1).clamp_min(1)
         return torch.where(target["present"], per_row, torch.zeros_like(per_row))
 
     def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
-        """Mean over the valid positions (``soft["mask"]``) of the per-token tempered KL."""
+        """Sum or mean (``reduction``) over the valid positions (``soft["mask"]``) of the per-token
+        tempered KL."""
         mask = soft["mask"]
         kl = kl_rows(logits, soft["probs"], tau)  # (B, L)
         # where, not a product: whatever a cache stored at padded positions cannot leak in.
         kl = torch.where(mask, kl, torch.zeros_like(kl))
+        if self.params.reduction == "sum":
+            return kl.sum(1)
         return kl.sum(1) / mask.sum(1).clamp_min(1)
 
     def soft_target(self, heads: Sequence[nn.Module], features: Sequence[Tensor], weights: Sequence[float],

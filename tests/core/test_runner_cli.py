@@ -136,18 +136,41 @@ def test_unlabeled_distillation_reads_no_label(tmp_path, core_registries):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries):
+def test_teacher_weights_unchanged_by_distillation(tmp_path, core_registries, monkeypatch):
+    """The teachers a distillation stage actually used hold, after it, the weights (and buffers)
+    of an independent copy of the checkpoint loaded before the stage ran."""
+    from distillkit.stages import StageContext
+
     config = toy_config()
     config["stages"] = {"m1": {"kind": "train"},
                         "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"],
                                "teacher_outputs": {"mode": "online"}}}
     cfg = load_config(write_config(tmp_path, config), core_registries)
-    runner = Runner(cfg, core_registries, tmp_path / "run")
-    runner.run()
+    first = {**config, "stages": {"m1": config["stages"]["m1"]}}
+    Runner(load_config(write_config(tmp_path, first, "first.yaml"), core_registries), core_registries,
+           tmp_path / "run").run()
     path = tmp_path / "run" / "stages" / "m1" / "model.safetensors"
     before, _ = load_model_state(path)
-    teacher = runner.teachers(["m1"])[0]
-    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+    before = {k: v.clone() for k, v in before.items()}
+    used = []
+    real = StageContext.teachers
+
+    def spy(self, stages):
+        teachers = real(self, stages)
+        used.extend(teachers)
+        return teachers
+
+    monkeypatch.setattr(StageContext, "teachers", spy)
+    runner = Runner(cfg, core_registries, tmp_path / "run")
+    runner.run()
+    assert used, "the distillation stage loaded no teacher"
+    for teacher in used:
+        state = teacher.model.state_dict()
+        assert set(state) == set(before)
+        for key, value in state.items():
+            assert torch.equal(value.cpu(), before[key]), key
+    after, _ = load_model_state(path)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nor was the checkpoint rewritten
     m2, _ = load_model_state(tmp_path / "run" / "stages" / "m2" / "model.safetensors")
     assert any(not torch.equal(before[k], m2[k]) for k in before)  # the student did move
 
@@ -196,3 +219,34 @@ def test_a_failed_rerun_keeps_earlier_results_in_metrics_json(tmp_path, runner, 
     assert result.exit_code == 2 and "simulated failure" in result.output
     after = json.loads((out / "metrics.json").read_text())
     assert after == before  # m2, m3 and report were not reached: their earlier results stay
+
+
+def test_each_stage_trains_on_its_split_and_selects_on_validation(tmp_path, core_registries, monkeypatch):
+    """M1/M2 fit the labeled training split, M3 the unlabeled pool; every stage picks its best
+    epoch on the validation split (never the test split)."""
+    import distillkit.stages as stages_module
+
+    config = toy_config()
+    config["stages"] = {"m1": {"kind": "train"},
+                        "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"], "data": "labeled"},
+                        "m3": {"kind": "distill", "init": "m2", "teachers": ["m2"], "data": "unlabeled"}}
+    config["training"]["epochs"] = 1
+    cfg = load_config(write_config(tmp_path, config), core_registries)
+    seen = {}
+    real_fit = stages_module.fit
+
+    def spy(model, tasks, loss_fn, train, val, *args, stage=None, **kwargs):
+        seen[stage] = (train.indices.copy(), val.indices.copy())
+        return real_fit(model, tasks, loss_fn, train, val, *args, stage=stage, **kwargs)
+
+    monkeypatch.setattr(stages_module, "fit", spy)
+    runner = Runner(cfg, core_registries, tmp_path / "run")
+    runner.run()
+    splits = {name: set(split.indices.tolist()) for name, split in runner.splits.items()}
+    assert splits["unlabeled"] and not splits["unlabeled"] & splits["train"]
+    assert splits["val"] != splits["test"]
+    expected_train = {"m1": "train", "m2": "train", "m3": "unlabeled"}
+    assert set(seen) == set(expected_train)
+    for stage, (train, val) in seen.items():
+        assert set(train.tolist()) == splits[expected_train[stage]], stage
+        assert set(val.tolist()) == splits["val"], stage

@@ -434,3 +434,45 @@ def test_empty_split_metrics():
     task.fit(CAPTIONS)
     out = task.metrics().compute()
     assert out == {"bleu": 0.0, "bleu_corpus": 0.0, "bleu_sentence_avg": 0.0, "n": 0}
+
+
+def test_hard_and_soft_loss_sum_over_words_with_reduction_sum():
+    task, summed = make_task(max_length=3), make_task(max_length=3, reduction="sum")
+    task.fit(["a b", "b"])
+    summed.fit(["a b", "b"])
+    target = task.encode(["a b", "b"])  # 3 and 2 predicted positions (words + EOS)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    torch.testing.assert_close(summed.hard_loss(logits, target),
+                               task.hard_loss(logits, target) * torch.tensor([3.0, 2.0]))
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    soft = {"probs": tempered_probs(torch.randn(2, 4, 6), 2.0), "mask": mask}
+    torch.testing.assert_close(summed.soft_loss(logits, soft, 2.0),
+                               task.soft_loss(logits, soft, 2.0) * torch.tensor([3.0, 2.0]))
+    assert make_task().params.reduction == "mean"
+
+
+def test_tokenizer_ignores_punctuation_and_keeps_intra_word_hyphens():
+    from eye_fundus.caption import tokenize
+
+    assert tokenize("Cataract, left eye.") == ["cataract", "left", "eye"]
+    assert tokenize("non-proliferative DR (mild);  o'brien") == ["non-proliferative", "dr", "mild", "o'brien"]
+    task = make_task()
+    task.fit(["cataract, left", "cataract"])
+    assert task.vocabulary.count("cataract") == 1 and "cataract," not in task.vocabulary
+    # the metric's references are the encoded tokens, so BLEU sees the same words
+    assert task.decode_text(task.encode(["Cataract,  LEFT."])["tokens"]) == ["cataract left"]
+
+
+def test_min_caption_count_drops_rare_diagnoses_from_the_target():
+    task = make_task(min_caption_count=2)
+    task.fit(["mild dr", "mild dr.", "rare thing", None])
+    assert "rare" not in task.vocabulary and "thing" not in task.vocabulary
+    encoded = task.encode(["mild dr", "rare thing", "Mild DR!", "unseen"])
+    assert encoded["present"].tolist() == [True, False, True, False]
+    restored = make_task(min_caption_count=2)
+    restored.load_state(task.state())
+    assert restored.encode(["rare thing", "mild dr"])["present"].tolist() == [False, True]
+    kept_all = make_task()
+    kept_all.fit(["mild dr", "rare thing"])
+    assert kept_all.encode(["rare thing"])["present"].tolist() == [True]

@@ -224,3 +224,42 @@ def test_fundus_mix_manifest(tmp_path):
     assert sorted({data.labels["broad_label"][i] for i in np.flatnonzero(labeled)}) == \
         ["DR", "cataract", "glaucoma", "normal"]
     assert data.inputs.shape == (3421, 3, 64, 64)
+
+
+def test_manifest_fingerprint_follows_image_bytes_and_caches_digests(tmp_path, monkeypatch):
+    import os
+
+    from eye_fundus import datasets
+
+    make_manifest(tmp_path / "data", ROWS)
+    first = manifest_source(tmp_path).fingerprint()
+    image = tmp_path / "data" / ROWS[0][0]
+    original = image.read_bytes()
+    stat = image.stat()
+    # touching the file alone (same bytes, new mtime) re-hashes it but keeps the fingerprint
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    reads: list[str] = []
+    real = datasets.Path.read_bytes
+
+    def counting(self):
+        reads.append(self.name)
+        return real(self)
+
+    monkeypatch.setattr(datasets.Path, "read_bytes", counting)
+    assert manifest_source(tmp_path).fingerprint() == first
+    assert reads.count(image.name) == 1  # the touched image, read once
+    reads.clear()
+    assert manifest_source(tmp_path).fingerprint() == first
+    assert set(reads) == {"manifest.csv"}  # no image re-hashed: the cache answers by (path, size, mtime_ns)
+    monkeypatch.undo()
+    # replaced in place: same path, same size, other bytes (a write moves the mtime)
+    changed = bytearray(original)
+    changed[-20] ^= 0xFF
+    image.write_bytes(bytes(changed))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 9_000_000_000))
+    assert manifest_source(tmp_path).fingerprint() != first
+    image.write_bytes(original)  # the old bytes back: the old fingerprint
+    assert manifest_source(tmp_path).fingerprint() == first
+    # replaced in place with another size or mtime: the cache entry is stale and re-hashed
+    image.write_bytes(original + b"\0")
+    assert manifest_source(tmp_path).fingerprint() != first

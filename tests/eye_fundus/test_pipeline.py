@@ -58,3 +58,16 @@ def test_m3_reads_no_label_or_caption(tmp_path, cache_dir):
     # M2 (labeled distillation, which would have changed) was reused, not retrained
     assert (tmp_path / "b" / "stages" / "m2" / "stage.json").read_text() == \
         (tmp_path / "a" / "stages" / "m2" / "stage.json").read_text()
+
+
+def test_main_job_m3_distils_from_the_ensemble_on_the_pool():
+    """M3 learns from M2 and the subset teachers (not M2 alone, whose loss is at its minimum at init)."""
+    config = load_config(REPO / "plugins" / "eye_fundus" / "m3.yaml", PluginManager().registries)
+    m3 = config.stages["m3"]
+    assert m3.init == "m2"
+    assert m3.teachers == ["m2", "teachers"]
+    assert m3.data == "unlabeled"
+    paper = load_config(REPO / "plugins" / "eye_fundus" / "paper.yaml", PluginManager().registries)
+    assert paper.stages["m3"].teachers == ["m2", "teachers"]
+    assert paper.tasks["text"].reduction == "sum"  # section 3.1: CE summed over the generated words
+    assert paper.tasks["text"].min_caption_count == 10  # section 4.1

@@ -331,6 +331,8 @@ CASES = [
          ("stages.m2.temperature", "temperatures must be > 0")),
     Case("zero-temperature-for-one-task", _toy("stages.m3.temperature", {"cluster": 0.0}),
          ("stages.m3.temperature", "temperatures must be > 0")),
+    Case("misspelt-temperature-task", _toy("stages.m3.temperature", {"clustr": 5.0}),
+         ("toy.yaml", "stages.m3.temperature.clustr", "not a task of this stage", "Did you mean 'cluster'?")),
     Case("alpha-above-1", _toy("stages.m2.alpha", 1.5), ("stages.m2.alpha", "less than or equal to 1")),
     Case("alpha-negative", _toy("stages.m2.alpha", -0.1), ("stages.m2.alpha", "greater than or equal to 0")),
     Case("train-fraction-zero", _toy("split.train_fraction", 0), ("split.train_fraction", "greater than 0")),
