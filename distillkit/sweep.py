@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from distillkit.config import RunConfig, apply_overrides, read_yaml, validate_config
 from distillkit.errors import DistillkitError, did_you_mean
-from distillkit.io import read_json, write_json, atomic_write_text
+from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.stats import Estimate, mean_ci, paired_diff
 
 SWEEP_FORMAT = "distillkit.sweep/1"
@@ -211,6 +211,18 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec, registries, out: Path, progress=None) -> SweepOutcome:
     """Run every grid point into ``out``; stages already in the store are linked, not trained."""
+    from distillkit.runner import RunLock
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DistillkitError(f"--out {out} is a file, not a directory.", where="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one sweep process per folder
+        remove_stale_temporaries(out)  # left by a sweep killed mid-write
+        return _run_sweep(spec, registries, out, progress)
+
+
+def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome:
     from distillkit.progress import Reporter
     from distillkit.runner import Runner, plan
 
@@ -222,7 +234,6 @@ def run_sweep(spec: SweepSpec, registries, out: Path, progress=None) -> SweepOut
                 super().prepare_data()
                 self._prepared = True
 
-    out = Path(out)
     store = out / "store"
     store.mkdir(parents=True, exist_ok=True)
     previous = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
