@@ -1,0 +1,46 @@
+"""temperature: auto chooses tau per task on the validation split, one task at a time."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from distillkit.cli import cli
+from tests.conftest import toy_config, write_config
+
+
+def _run(tmp_path, monkeypatch, temperature, grid=(1.0, 4.0)):
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "cache"))
+    config = toy_config()
+    config["training"].update(epochs=1)
+    config["stages"]["m2"].update(temperature=temperature, temperature_grid=list(grid))
+    del config["stages"]["m3"]
+    config["stages"]["report"]["models"] = ["m1", "m2"]
+    path = write_config(tmp_path, config)
+    result = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    return result, path
+
+
+def test_auto_picks_the_best_validation_score_and_records_it(tmp_path, monkeypatch):
+    result, _ = _run(tmp_path, monkeypatch, {"cluster": "auto", "quadrant": "auto"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    search = metrics["m2"]["temperature_search"]
+    assert search["split"] == "val" and search["grid"] == [1.0, 4.0]
+    for task in ("cluster", "quadrant"):
+        scores = search["scores"][task]
+        assert set(scores) == {"1", "4"}
+        best = max(scores.values())
+        assert scores[f"{search['chosen'][task]:g}"] == best
+    # the last task's winning trial is the final configuration: its validation score is the stage's
+    last = search["scores"]["quadrant"][f"{search['chosen']['quadrant']:g}"]
+    assert metrics["m2"]["val"]["m2"]["quadrant"]["accuracy"] == last
+    stage = json.loads((tmp_path / "run" / "stages" / "m2" / "stage.json").read_text())
+    assert stage["result"]["metrics"]["temperature_search"]["chosen"] == search["chosen"]
+
+
+def test_auto_is_validated_like_a_temperature(tmp_path, monkeypatch):
+    result, path = _run(tmp_path, monkeypatch, "hot")
+    assert result.exit_code == 2, result.output
+    assert "stages.m2.temperature" in result.output
