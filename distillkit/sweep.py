@@ -272,30 +272,34 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
         records.append({"id": run.id, "overrides": run.overrides, "dir": str(run_dir.relative_to(out)),
                         "stages": {p.name: p.key for p in planned},
                         "metrics": flatten_metrics(metrics, spec.split)})
-        _write_summary(out, spec, records, naive, started, earlier_wall, complete=False)
-    summary = _write_summary(out, spec, records, naive, started, earlier_wall, complete=True)
+        _write_summary(out, spec, records, naive, started, earlier_wall, complete=False, trained_now=trained_now)
+    summary = _write_summary(out, spec, records, naive, started, earlier_wall, complete=True,
+                             trained_now=trained_now)
     write_tables(out, spec, summary)
     return SweepOutcome(summary, out / "sweep.json")
 
 
-def _stage_seconds(store: Path) -> dict[str, float]:
+def _stage_seconds(store: Path, records: list) -> dict[str, float]:
+    """Seconds of every unique stage the recorded runs planned, as its ``stage.json`` says."""
     out = {}
-    for marker in sorted(store.glob("*/stage.json")):
-        saved = read_json(marker)
+    for name, key in sorted({(n, k) for r in records for n, k in r["stages"].items()}):
+        marker = store / f"{name}-{key}" / "stage.json"
+        saved = read_json(marker) if marker.is_file() else {}
         if saved.get("status") == "done":
-            out[marker.parent.name] = float(saved.get("seconds", 0.0))
+            out[f"{name}-{key}"] = float(saved.get("seconds", 0.0))
     return out
 
 
 def _write_summary(out: Path, spec: SweepSpec, records: list, naive: int, started: float, earlier_wall: float,
-                   complete: bool) -> dict[str, Any]:
-    seconds = _stage_seconds(out / "store")
+                   complete: bool, trained_now: int = 0) -> dict[str, Any]:
+    seconds = _stage_seconds(out / "store", records)
     wall = time.perf_counter() - started
     summary = {"format": SWEEP_FORMAT, "name": spec.name, "sweep_file": str(Path(spec.file).resolve()),
                "base": str(spec.base), "grid": spec.grid, "complete": complete,
                "table": {"columns": spec.columns, "rows": spec.rows, "metrics": spec.metrics,
                          "baseline": spec.baseline, "split": spec.split},
                "stages_trained": len(seconds), "stages_naive": naive,
+               "stages_trained_this_invocation": trained_now,
                "runs": records,
                "timing": {"wall": wall, "wall_total": earlier_wall + wall, "stage_seconds": seconds,
                           "unique_stage_seconds": sum(seconds.values())}}

@@ -141,7 +141,9 @@ def test_identical_stages_train_once(tmp_path, monkeypatch):
     again = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(tmp_path / "out")])
     assert again.exit_code == 0, again.output
     assert (tmp_path / "out" / "results.csv").read_text() == before
-    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["stages_trained"] == 16
+    second = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert second["stages_trained"] == 16 and second["stages_trained_this_invocation"] == 0
+    assert summary["stages_trained_this_invocation"] == 16
 
 
 @pytest.mark.parametrize("grid, where, words", [
