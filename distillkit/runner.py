@@ -102,6 +102,13 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                             f"blocks ({', '.join(f'student.{f}.freeze' for f in frozen)}) see at every step, "
                             f"which their feature cache cannot hold; set stages.{name}.training.feature_cache: "
                             f"off (or remove the augmentation).")
+        temperature = getattr(stage.params, "temperature", None)
+        if isinstance(temperature, dict):
+            for task, value in temperature.items():
+                if value == "auto" and task not in stage.task_names(all_tasks):
+                    problems.append(f"stages.{name}.temperature.{task}: 'auto' on a task the stage does not "
+                                    f"distill, which has no temperature to choose.{did_you_mean(task, all_tasks)} "
+                                    f"The stage's tasks: {', '.join(stage.task_names(all_tasks))}.")
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")

@@ -44,3 +44,23 @@ def test_auto_is_validated_like_a_temperature(tmp_path, monkeypatch):
     result, path = _run(tmp_path, monkeypatch, "hot")
     assert result.exit_code == 2, result.output
     assert "stages.m2.temperature" in result.output
+
+
+def test_auto_on_a_task_without_temperature_exits_2_with_its_path(tmp_path, monkeypatch):
+    result, path = _run(tmp_path, monkeypatch, {"clustr": "auto"})
+    assert result.exit_code == 2, result.output
+    assert "stages.m2.temperature.clustr" in result.output and "Did you mean 'cluster'?" in result.output
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_auto_in_a_sweep_grid_is_checked_before_training(tmp_path):
+    import yaml
+
+    config = toy_config()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"base": "base.yaml", "grid": {"stages.m2.temperature": [{"quadrnt": "auto"}]}}))
+    result = CliRunner().invoke(cli, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "grid.stages.m2.temperature" in result.output and "stages.m2.temperature.quadrnt" in result.output
+    assert not (tmp_path / "out").exists()
