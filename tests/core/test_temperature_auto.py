@@ -38,6 +38,9 @@ def test_auto_picks_the_best_validation_score_and_records_it(tmp_path, monkeypat
     assert metrics["m2"]["val"]["m2"]["quadrant"]["accuracy"] == last
     stage = json.loads((tmp_path / "run" / "stages" / "m2" / "stage.json").read_text())
     assert stage["result"]["metrics"]["temperature_search"]["chosen"] == search["chosen"]
+    plan = {p["name"]: p for p in json.loads((tmp_path / "run" / "plan.json").read_text())}
+    assert plan["m2"]["temperature_chosen"] == search["chosen"]
+    assert "auto(1/4, on val)" in plan["m2"]["description"]
 
 
 def test_auto_is_validated_like_a_temperature(tmp_path, monkeypatch):
