@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python -m benchmarks.data_pipeline
 	$(BIN)/python -m benchmarks.distillation
 	$(BIN)/python -m benchmarks.feature_cache
+	$(BIN)/python -m benchmarks.sweep_overhead
 
 wheel: install
 	$(BIN)/python -m pip wheel --no-deps -w dist .

@@ -9,6 +9,7 @@ report saves it. matplotlib is imported here only: the rest of the core never ne
 from __future__ import annotations
 
 import io
+import json as _json
 import math
 import textwrap
 from dataclasses import dataclass
@@ -204,3 +205,42 @@ def gradcam_figure(images: np.ndarray, columns: Sequence[str], cells: Sequence[S
                          color=STATUS_COLORS.get(status, "black"))
         y -= rows_text[r] + pad
     return fig
+
+
+def sweep_figure(cells, column_key: str, grid: Mapping[str, Sequence]) -> Figure | None:
+    """A sweep's metric against the column key (e.g. the training fraction p): a line per model,
+    its 95% CI over seeds as a band. One panel per metric (and per value of the other grid keys)."""
+    panels: dict[tuple[str, str], list] = {}
+    for c in cells:
+        panels.setdefault((c.metric, c.group), []).append(c)
+    if not panels or not column_key:
+        return None
+    columns = [str(v) if isinstance(v, str) else _json.dumps(v) for v in grid.get(column_key, [])]
+    numeric = all(_is_number(c) for c in columns)
+    xs_of = {c: (float(c) if numeric else i) for i, c in enumerate(columns)}
+    fig, axes = _grid(len(panels), min(3, len(panels)), 4.2, 3.2)
+    for ax, ((metric, group), members) in zip(axes, panels.items()):
+        for row in dict.fromkeys(c.row for c in members):
+            pts = sorted((xs_of[c.column], c.estimate) for c in members if c.row == row and c.column in xs_of)
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            y = [p[1].mean for p in pts]
+            line, = ax.plot(x, y, marker="o", label=row)
+            if all(p[1].half_width is not None for p in pts):
+                ax.fill_between(x, [p[1].low for p in pts], [p[1].high for p in pts], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
+        ax.set_title(metric + (f"\n{group}" if group else ""), fontsize=9)
+        ax.set_xlabel(column_key)
+        if not numeric:
+            ax.set_xticks(list(range(len(columns))), columns)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

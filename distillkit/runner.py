@@ -294,8 +294,14 @@ class Runner(StageContext):
 
     def _write_description(self, planned: list[PlannedStage]) -> None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
-        write_json(self.run_dir / "plan.json", [{"name": p.name, "key": p.key, "deps": p.deps,
-                                                 "description": p.description} for p in planned])
+        entries = []
+        for p in planned:
+            entry = {"name": p.name, "key": p.key, "deps": p.deps, "description": p.description}
+            search = self._results[p.name].metrics.get("temperature_search") if p.name in self._results else None
+            if search:  # temperature: auto, once chosen on the validation split
+                entry["temperature_chosen"] = search["chosen"]
+            entries.append(entry)
+        write_json(self.run_dir / "plan.json", entries)
         # Relative paths in config.yaml (e.g. a manifest) resolve against this folder.
         write_json(self.run_dir / "run.json", {"config_file": str(Path(self.config.file).resolve()),
                                                "base_dir": str(self.config.base_dir.resolve()),

@@ -119,6 +119,10 @@ class Stage(ABC):
 
 # -- shared pieces -------------------------------------------------------------------------
 
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
 def _primary_scores(tasks: Mapping[str, Task], metrics: Mapping[str, Any]) -> dict[str, float]:
     return {name: float(metrics.get(name, {}).get(task.primary_metric, math.nan)) for name, task in tasks.items()}
 
@@ -322,8 +326,11 @@ class DistillParams(Params):
     data: Literal["labeled", "unlabeled"] = "labeled"
     #: weight of the soft term (the paper: 0.95)
     alpha: float = Field(0.95, ge=0, le=1)
-    #: tau, one value or one per task (the paper's grid: 0.5, 1, 5, 10)
-    temperature: Union[float, dict[str, float]] = 1.0
+    #: tau, one value or one per task (the paper's grid: 0.5, 1, 5, 10); ``auto`` (for all tasks
+    #: or per task) chooses it from ``temperature_grid`` on the validation split, greedily one
+    #: task at a time in the stage's task order
+    temperature: Union[float, Literal["auto"], dict[str, Union[float, Literal["auto"]]]] = 1.0
+    temperature_grid: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 10.0], min_length=1)
     aggregation: Any = Field(default_factory=lambda: {"kind": "mean"})
     teacher_outputs: TeacherOutputParams = TeacherOutputParams()
     loss: Any = Field(default_factory=_default_loss)
@@ -333,14 +340,27 @@ class DistillParams(Params):
     @classmethod
     def _positive(cls, value):
         values = value.values() if isinstance(value, dict) else [value]
-        if any(v <= 0 for v in values):
+        if any(v != "auto" and v <= 0 for v in values):
+            raise ValueError("temperatures must be > 0 or auto")
+        return value
+
+    @field_validator("temperature_grid")
+    @classmethod
+    def _positive_grid(cls, value):
+        if any(v <= 0 for v in value):
             raise ValueError("temperatures must be > 0")
         return value
 
-    def temperature_for(self, tasks: Sequence[str]) -> dict[str, float]:
+    def auto_tasks(self, tasks: Sequence[str]) -> list[str]:
+        """The tasks whose temperature is chosen on the validation split, in task order."""
         if isinstance(self.temperature, dict):
-            return {t: float(self.temperature.get(t, 1.0)) for t in tasks}
-        return {t: float(self.temperature) for t in tasks}
+            return [t for t in tasks if self.temperature.get(t) == "auto"]
+        return list(tasks) if self.temperature == "auto" else []
+
+    def temperature_for(self, tasks: Sequence[str]) -> dict[str, float | str]:
+        if isinstance(self.temperature, dict):
+            return {t: self.temperature.get(t, 1.0) for t in tasks}
+        return {t: self.temperature for t in tasks}
 
 
 class DistillStage(Stage):
@@ -358,7 +378,8 @@ class DistillStage(Stage):
         p = self.params
         init = f" from {p.init}" if p.init else ""
         tau = p.temperature_for(self.task_names(all_tasks))
-        taus = ", ".join(f"{k}={v:g}" for k, v in tau.items())
+        grid = "/".join(f"{g:g}" for g in p.temperature_grid)
+        taus = ", ".join(f"{k}={v:g}" if v != "auto" else f"{k}=auto({grid}, on val)" for k, v in tau.items())
         return (f"distill on {p.data} data{init}: tasks {', '.join(self.task_names(all_tasks))}; teachers "
                 f"{', '.join(p.teachers)} ({p.aggregation.kind}); alpha={p.alpha if p.data == 'labeled' else 1.0:g}; "
                 f"tau {taus}; teacher outputs {p.teacher_outputs.mode}/{p.teacher_outputs.storage}")
@@ -371,9 +392,40 @@ class DistillStage(Stage):
         if not teachers:
             raise DistillkitError(f"stage '{self.name}' has no teachers.", where=f"stages.{self.name}.teachers")
         _check_task_states(teachers, ctx.tasks, where=f"stages.{self.name}")
-        record, metrics = _train_one(ctx, self.name, self.name, self.task_names(list(ctx.tasks)), self.params,
+        task_names = self.task_names(list(ctx.tasks))
+        params, search = self._choose_temperatures(ctx, workdir, task_names, teachers)
+        record, metrics = _train_one(ctx, self.name, self.name, task_names, params,
                                      workdir, self.params.init, teachers=teachers)
-        return StageResult([record], {split: {record.label: m} for split, m in metrics.items()})
+        result = StageResult([record], {split: {record.label: m} for split, m in metrics.items()})
+        if search:
+            result.metrics["temperature_search"] = search
+        return result
+
+    def _choose_temperatures(self, ctx: StageContext, workdir: Path, task_names: Sequence[str],
+                             teachers: list[Teacher]) -> tuple[DistillParams, dict[str, Any]]:
+        """``temperature: auto``: for each auto task in turn, distill once per candidate tau (the
+        tasks chosen so far fixed, the later auto tasks at 1) and keep the tau with the best
+        validation score of that task's primary metric. The test split is never read."""
+        auto = self.params.auto_tasks(task_names)
+        if not auto:
+            return self.params, {}
+        chosen = {t: (1.0 if v == "auto" else float(v)) for t, v in self.params.temperature_for(task_names).items()}
+        scores: dict[str, dict[str, float]] = {}
+        for task in auto:
+            scores[task] = {}
+            for tau in self.params.temperature_grid:
+                trial = self.params.model_copy(update={"temperature": {**chosen, task: float(tau)}})
+                folder = workdir / "temperature_search" / f"{task}-{tau:g}"
+                folder.mkdir(parents=True, exist_ok=True)
+                record, _ = _train_one(ctx, self.name, self.name, task_names, trial, folder, self.params.init,
+                                       teachers=teachers)
+                scores[task][f"{tau:g}"] = record.scores[task]  # the validation split's primary metric
+            best = max(self.params.temperature_grid,
+                       key=lambda tau: (_finite(scores[task][f"{tau:g}"]), -abs(math.log(tau))))
+            chosen[task] = float(best)
+        final = self.params.model_copy(update={"temperature": dict(chosen)})
+        return final, {"chosen": {t: chosen[t] for t in auto}, "grid": list(self.params.temperature_grid),
+                       "split": "val", "scores": scores}
 
 
 class EvaluateParams(Params):

@@ -14,8 +14,9 @@ from distillkit.runner import plan
 from tests.conftest import REPO
 
 REGISTRIES = PluginManager().registries
-SHIPPED = sorted([REPO / "examples" / "toy.yaml", *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
-                  *(REPO / "plugins" / "eye_fundus" / "data").glob("*.yaml")])
+SWEEPS = [REPO / "examples" / "toy_sweep.yaml", REPO / "plugins" / "eye_fundus" / "sweep.yaml"]
+SHIPPED = sorted(p for p in [REPO / "examples" / "toy.yaml", *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
+                             *(REPO / "plugins" / "eye_fundus" / "data").glob("*.yaml")] if p not in SWEEPS)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
@@ -23,6 +24,15 @@ def test_shipped_config_validates_and_plans(path):
     config = load_config(path, REGISTRIES)
     planned = plan(config, REGISTRIES)
     assert planned and all(p.description for p in planned)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_sweep_validates_every_grid_point(path):
+    from distillkit.sweep import load_sweep
+
+    spec = load_sweep(path, REGISTRIES)
+    assert len(spec.runs) == {"toy_sweep.yaml": 4, "sweep.yaml": 9}[path.name]
+    assert len({r.id for r in spec.runs}) == len(spec.runs)
 
 
 TASK_LABELS = {

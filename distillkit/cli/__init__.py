@@ -43,6 +43,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     \b
     distillkit validate CONFIG    check a config and print the plan
     distillkit run CONFIG         run every stage (resumes an interrupted run)
+    distillkit sweep SWEEP        run a config over a grid (seeds, p, tau), stages shared
     distillkit plugins            list plugins and their components
     """
     ctx.ensure_object(dict)
@@ -50,13 +51,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _add_builtin_commands() -> None:
-    from distillkit.cli import eval_cmd, plugins_cmd, report_cmd, run, validate
+    from distillkit.cli import eval_cmd, plugins_cmd, report_cmd, run, sweep_cmd, validate
 
     cli.add_command(run.run)
     cli.add_command(validate.validate)
     cli.add_command(plugins_cmd.plugins)
     cli.add_command(eval_cmd.eval_command)
     cli.add_command(report_cmd.report)
+    cli.add_command(sweep_cmd.sweep)
 
 
 def _add_plugin_commands() -> None:

@@ -24,13 +24,21 @@ import click
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def report(run_dir: Path, out: Path | None, images_per_class: int, gradcam_models: tuple[str, ...],
            group_metrics: tuple[str, ...], no_data: bool, device: str) -> None:
-    """Write an HTML report of RUN_DIR: metrics table, confusion matrix, metrics per group, learning
+    """Write an HTML report of RUN_DIR (for a sweep folder: its tables and figure): metrics table, confusion matrix, metrics per group, learning
     curves, top-K accuracy per group and Grad-CAM maps (the paper's Fig. 4 and 5)."""
     from distillkit.errors import DistillkitError
     from distillkit.plugins import get_plugin_manager
     from distillkit.report import build_report
     from distillkit.runner import resolve_device
 
+    if (run_dir / "sweep.json").is_file():  # a sweep folder: its tables and figure
+        from distillkit.io import read_json
+        from distillkit.sweep import write_tables
+
+        written = write_tables(run_dir, None, read_json(run_dir / "sweep.json"))
+        click.echo((run_dir / "results.md").read_text(encoding="utf-8"))
+        click.echo(f"report: {', '.join(str(p) for p in written)}")
+        return
     chosen = {}
     for item in group_metrics:
         task, sep, metric = item.partition("=")
