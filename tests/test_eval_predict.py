@@ -41,8 +41,9 @@ def core_only(toy_run, monkeypatch):
     set_plugin_manager(None)
 
 
-def test_eval_of_a_run_equals_its_evaluate_stage(core_only, tmp_path):
+def test_eval_of_a_run_equals_its_evaluate_stage(core_only, tmp_path, monkeypatch):
     run = core_only
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: the table's titles stay on one line
     out = tmp_path / "eval.json"
     result = invoke("eval", run, "--group-by", "cluster", "--json", out)
     assert result.exit_code == 0, result.output
