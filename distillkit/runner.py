@@ -68,6 +68,13 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
     all_tasks = list(config.tasks)
     problems: list[str] = []
     frozen = frozen_encoder_params(config.student, registries)
+    run_es = getattr(config.training, "early_stopping", None)
+    if run_es is not None and run_es.metric not in ("val_loss", "val_kd") \
+            and run_es.metric.partition(".")[0] not in all_tasks:
+        task = run_es.metric.partition(".")[0]
+        problems.append(f"training.early_stopping.metric: '{run_es.metric}' must be val_loss, val_kd or "
+                        f"<task>.<metric>, and '{task}' is not a task.{did_you_mean(task, all_tasks)} "
+                        f"Tasks: {', '.join(all_tasks)}.")
     for name, stage in stages.items():
         for dep in stage.dependencies():
             if dep not in stages:

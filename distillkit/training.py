@@ -236,6 +236,10 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     tau = dict(tau or {})
     es = params.early_stopping
     metric = es.metric if es else None
+    if metric is not None and "." in metric and metric.partition(".")[0] not in tasks:
+        # a model that does not learn the metric's task (a subset teacher of an ensemble whose
+        # run early-stops on another task's metric) stops on its own validation loss
+        metric = "val_loss"
     if metric == "val_loss" and not use_labels:
         metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
     model.to(device)
