@@ -53,7 +53,12 @@ class Reporter:
             table.add_column(h, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*(escape(str(cell)) for cell in row))
-        Console(file=sys.stdout).print(table)
+        # written to a file or pipe (a log), the table keeps its full width instead of
+        # truncating every number to fit 80 columns
+        console = Console(file=sys.stdout)
+        if not console.is_terminal:
+            console = Console(file=sys.stdout, width=max(80, 12 * len(header)))
+        console.print(table)
 
     def callbacks(self, label: str) -> "StageCallbacks":
         return StageCallbacks(self, label)
