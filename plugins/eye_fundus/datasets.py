@@ -164,6 +164,9 @@ class ManifestParams(Params):
     #: the split column fixes each row's split: train/val/test/unlabeled, empty = split at random
     #: by patient as usual (needs split_column; see docs/design.md, "Fixed splits")
     fixed_splits: bool = False
+    #: a column naming the image each row copies (fundus-mix: near_duplicate_of): the copy joins
+    #: that image's patient, so a copy never sits in another split than its original
+    duplicate_of_column: str | None = None
     #: a missing or corrupt image: "error" stops naming the row, "skip" leaves it out with a warning
     on_bad_image: Literal["error", "skip"] = "error"
 
@@ -198,7 +201,8 @@ class ManifestSource(DatasetSource):
     def columns(self) -> ManifestColumns:
         p = self.params
         return ManifestColumns(image=p.image_column, patient_id=p.patient_column, fields=dict(p.fields),
-                               split=p.split_column, include_splits=p.include_splits, fixed_splits=p.fixed_splits)
+                               split=p.split_column, include_splits=p.include_splits, fixed_splits=p.fixed_splits,
+                               duplicate_of=p.duplicate_of_column)
 
     def fingerprint(self) -> str:
         """Params, the manifest's bytes and every image's bytes, in manifest order.

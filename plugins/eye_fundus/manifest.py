@@ -24,6 +24,11 @@ Rules:
   ``test`` or ``unlabeled`` (case-insensitive); an empty cell leaves the row to the random
   patient-grouped split. Another value is an error naming the line; a patient fixed to two
   splits is an error naming the patients (see docs/design.md, "Fixed splits").
+* With a duplicate-of column (fundus-mix: ``near_duplicate_of``), a row whose cell names
+  another image of the manifest (a path as in the image column) joins that image's group:
+  an augmented copy of a photograph lands in the split of the photograph's patient, and a
+  pool copy of a validation or test photograph is left out of the pool by the split (see
+  :func:`distillkit.data.split_indices`). A name that is not in the manifest is an error.
 
 Every mistake raises :class:`~distillkit.errors.DistillkitError` naming the file and line.
 """
@@ -64,6 +69,9 @@ class ManifestColumns:
     include_splits: Sequence[str] | None = None
     #: the split column fixes each row's split (train/val/test/unlabeled; empty: split at random)
     fixed_splits: bool = False
+    #: a column naming, per row, another image of the manifest that this one copies (fundus-mix:
+    #: ``near_duplicate_of``): the row joins that image's group (patient)
+    duplicate_of: str | None = None
 
 
 @dataclass
@@ -153,6 +161,8 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
     pool: list[bool] = []
     first_line: dict[str, int] = {}  # normalised image path -> line that listed it first
     suggested: dict[str, set[str]] = {}  # patient -> its rows' split values (pool rows aside)
+    group_of: dict[str, str] = {}  # normalised image path of every listed row -> its group
+    copies: list[tuple[int, str, str, str, int]] = []  # (kept row, its key, referenced key, cell, line)
     for record in records:
         line = reader.line_num
         if not any(cell.strip() for cell in record):
@@ -166,14 +176,16 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
         patient = cell(columns.patient_id) if columns.patient_id else ""
         if patient and split and split.lower() != UNLABELED_SPLIT:
             suggested.setdefault(patient, set()).add(split.lower())
+        name = cell(columns.image)
+        key = _image_key(folder, name) if name else ""
         if include is not None and (split or "").lower() not in include:
             rows.filtered_out += 1
+            if key:
+                group_of.setdefault(key, patient or f"image:{name}")
             continue
-        name = cell(columns.image)
         if not name:
             raise DistillkitError(f"the image cell (column '{columns.image}') is empty.", where=where)
         image = Path(os.path.normpath(folder / name))
-        key = os.path.normcase(os.path.abspath(image))
         if key in first_line:
             raise DistillkitError(f"image '{name}' is listed twice: on line {first_line[key]} and on line {line}.",
                                   where=where, hint="Each image may appear once; remove one of the rows.")
@@ -186,6 +198,10 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
         rows.names.append(name)
         rows.lines.append(line)
         rows.groups.append(patient or f"image:{name}")
+        group_of[key] = rows.groups[-1]
+        copied = cell(columns.duplicate_of) if columns.duplicate_of else ""
+        if copied:
+            copies.append((len(rows.groups) - 1, key, _image_key(folder, copied), copied, line))
         rows.splits.append(split)
         pool.append(unlabeled)
         if rows.fixed is not None:
@@ -203,6 +219,18 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                                   f"'{columns.split}' ({rows.filtered_out} rows dropped).", where=str(path))
         raise DistillkitError("the manifest has a header but no rows.", where=str(path))
     rows.pool = np.asarray(pool, dtype=bool)
+    copy_of = {own: ref for _, own, ref, _, _ in copies}
+    for i, own, ref, copied, line in copies:
+        if ref not in group_of:
+            raise DistillkitError(
+                f"'{copied}' in column '{columns.duplicate_of}' is not an image of this manifest.",
+                where=f"{path}:line {line}",
+                hint="The column names the image a row copies, written as in the image column (or is empty).")
+        seen = {own}
+        while ref in copy_of and ref not in seen:  # a copy of a copy joins the original's group
+            seen.add(ref)
+            ref = copy_of[ref]
+        rows.groups[i] = group_of[ref]
     if rows.fixed is not None:
         check_fixed_splits(rows.groups, rows.fixed, rows.pool, f"{path}: column '{columns.split}'")
     # Accepted: distillkit splits by patient itself and reads the split column only for
@@ -215,6 +243,11 @@ def read_manifest(path: str | Path, columns: ManifestColumns | None = None,
                           f"{', '.join(sorted(suggested[mixed[0]]))}; distillkit keeps each patient in one split "
                           "of its own, so this column serves only include_splits and the unlabeled pool.")
     return rows
+
+
+def _image_key(folder: Path, name: str) -> str:
+    """The normalised absolute path of an image cell: equal for two spellings of one file."""
+    return os.path.normcase(os.path.abspath(os.path.normpath(folder / name)))
 
 
 def _records(reader, path: Path):
@@ -245,7 +278,8 @@ def _decode_utf8(raw: bytes, path: Path) -> str:
 
 def _column_positions(header: list[str], columns: ManifestColumns, path: Path) -> dict[str, int]:
     """Index of every configured column in the header; one error listing all that are missing."""
-    wanted = [("image", columns.image), ("patient id", columns.patient_id), ("split", columns.split)]
+    wanted = [("image", columns.image), ("patient id", columns.patient_id), ("split", columns.split),
+              ("duplicate of", columns.duplicate_of)]
     wanted += [(f"field '{f}'", c) for f, c in columns.fields.items()]
     problems = []
     for role, column in wanted:

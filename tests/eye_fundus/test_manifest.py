@@ -126,3 +126,63 @@ def test_row_with_wrong_field_count_and_empty_image(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(DistillkitError, match="not found"):
         read_manifest(tmp_path / "nope.csv")
+
+
+DUP_HEADER = "image,patient_id,broad_label,fine_label,diagnosis_text,suggested_split,near_duplicate_of\n"
+
+
+def test_copies_join_the_group_of_the_image_they_copy(tmp_path):
+    manifest = write(tmp_path / "m.csv", DUP_HEADER + (
+        "img/a.jpg,pa,normal,,,train,\n"
+        "img/b.jpg,pb,DR,,,val,\n"
+        "aug/1.jpg,,,,,unlabeled,img/a.jpg\n"
+        "aug/2.jpg,,,,,unlabeled,./img/../img/b.jpg\n"   # another spelling of img/b.jpg
+        "aug/3.jpg,,,,,unlabeled,aug/2.jpg\n"             # a copy of a copy: b's patient
+        "aug/4.jpg,,,,,unlabeled,\n"                      # no original: its own group
+        "img/c.jpg,,cataract,,,test,\n"
+        "aug/5.jpg,,,,,unlabeled,img/c.jpg\n"             # original without a patient id
+    ))
+    plain = read_manifest(manifest, ManifestColumns(split="suggested_split"))
+    assert plain.groups[2:6] == ["image:aug/1.jpg", "image:aug/2.jpg", "image:aug/3.jpg", "image:aug/4.jpg"]
+    rows = read_manifest(manifest, ManifestColumns(split="suggested_split", duplicate_of="near_duplicate_of"))
+    assert rows.groups == ["pa", "pb", "pa", "pb", "pb", "image:aug/4.jpg", "image:img/c.jpg", "image:img/c.jpg"]
+    assert rows.pool.tolist() == [False, False, True, True, True, True, False, True]
+
+
+def test_a_copy_of_a_held_out_photograph_leaves_the_pool(tmp_path):
+    """End to end through the core split: the pool keeps copies of training photographs only."""
+    import numpy as np
+
+    from distillkit.data import Dataset, SplitParams, split_indices
+
+    lines = []
+    for p in range(40):
+        lines.append(f"img/{p}.jpg,p{p},{'normal' if p % 2 else 'DR'},,,train,")
+        lines.append(f"aug/{p}.jpg,,,,,unlabeled,img/{p}.jpg")
+    manifest = write(tmp_path / "m.csv", DUP_HEADER + "\n".join(lines) + "\n")
+    rows = read_manifest(manifest, ManifestColumns(split="suggested_split", duplicate_of="near_duplicate_of"))
+    dataset = Dataset(inputs=np.zeros((len(rows), 1)), labels=rows.labels, groups=rows.groups, ids=rows.names,
+                      pool=rows.pool, source=str(manifest))
+    split = split_indices(dataset, SplitParams(val=0.25, test=0.25, train_fraction=0.5))
+    name = lambda i: rows.names[i]  # noqa: E731
+    originals = {s: {name(i).split("/")[1] for i in split[s]} for s in ("train", "val", "test")}
+    copies = {name(i).split("/")[1] for i in split["unlabeled"]}
+    assert originals["val"] and originals["test"]
+    assert copies == originals["train"]
+
+
+def test_a_copy_of_an_unknown_image_names_the_line(tmp_path):
+    manifest = write(tmp_path / "m.csv", DUP_HEADER + "img/a.jpg,pa,normal,,,train,\naug/1.jpg,,,,,unlabeled,img/x.jpg\n")
+    with pytest.raises(DistillkitError, match="'img/x.jpg' in column 'near_duplicate_of' is not an image") as err:
+        read_manifest(manifest, ManifestColumns(split="suggested_split", duplicate_of="near_duplicate_of"))
+    assert err.value.where == f"{manifest}:line 3"
+    with pytest.raises(DistillkitError, match="column 'near_dup' \\(duplicate of\\) is not in the header"):
+        read_manifest(manifest, ManifestColumns(split="suggested_split", duplicate_of="near_dup"))
+
+
+def test_a_copy_of_a_row_left_out_by_include_splits_takes_its_group(tmp_path):
+    manifest = write(tmp_path / "m.csv", DUP_HEADER + "img/a.jpg,pa,normal,,,test,\nimg/b.jpg,pb,DR,,,train,\n"
+                     "aug/1.jpg,,,,,unlabeled,img/a.jpg\n")
+    rows = read_manifest(manifest, ManifestColumns(split="suggested_split", include_splits=["train", "unlabeled"],
+                                                   duplicate_of="near_duplicate_of"))
+    assert rows.names == ["img/b.jpg", "aug/1.jpg"] and rows.groups == ["pb", "pa"]
