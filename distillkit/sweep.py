@@ -308,7 +308,8 @@ def _write_summary(out: Path, spec: SweepSpec, records: list, naive: int, starte
 
 
 def flatten_metrics(metrics: Mapping[str, Any], split: str) -> dict[str, dict[str, float]]:
-    """``model label -> "task.metric" -> value`` over every stage's scalar metrics of ``split``."""
+    """``model label -> "task.metric" -> value`` over every stage's scalar metrics of ``split``;
+    a metric per class (a mapping of scalars) gives ``"task.metric.class"`` values."""
     out: dict[str, dict[str, float]] = {}
     for stage, by_split in metrics.items():
         for label, tasks in (by_split.get(split) or {}).items():
@@ -319,9 +320,17 @@ def flatten_metrics(metrics: Mapping[str, Any], split: str) -> dict[str, dict[st
                         row[task] = float(values)
                     continue
                 for metric, value in values.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and metric != "n":
+                    if _scalar(value) and metric != "n":
                         row[f"{task}.{metric}"] = float(value)
+                    elif isinstance(value, Mapping):  # per class: "broad.sensitivity.DR"
+                        for key, item in value.items():
+                            if _scalar(item):
+                                row[f"{task}.{metric}.{key}"] = float(item)
     return out
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- tables -----------------------------------------------------------------------------------

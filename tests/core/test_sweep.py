@@ -162,3 +162,17 @@ def test_bad_grid_exits_2_with_the_key_before_training(tmp_path, grid, where, wo
     assert f"{path}: {where}" in result.output
     assert words in result.output
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_flatten_metrics_reads_per_class_values_and_skips_the_rest():
+    from distillkit.sweep import flatten_metrics
+
+    metrics = {"evaluate": {
+        "test": {"m1": {"broad": {"accuracy": 0.5, "n": 10, "sensitivity": {"DR": 0.25, "normal": 1.0},
+                                  "reliability": {"bins": [0.1, 0.2]}, "ok": True},
+                        "loss": 1.5}},
+        "val": {"m1": {"broad": {"accuracy": 0.9}}},
+    }}
+    assert flatten_metrics(metrics, "test") == {"m1": {
+        "broad.accuracy": 0.5, "broad.sensitivity.DR": 0.25, "broad.sensitivity.normal": 1.0, "loss": 1.5}}
+    assert flatten_metrics(metrics, "val") == {"m1": {"broad.accuracy": 0.9}}
