@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 import torch
 
 from distillkit.config import load_config
@@ -14,9 +15,10 @@ from distillkit.runner import plan
 from tests.conftest import REPO
 
 REGISTRIES = PluginManager().registries
-SWEEPS = [REPO / "examples" / "toy_sweep.yaml", REPO / "plugins" / "eye_fundus" / "sweep.yaml"]
-SHIPPED = sorted(p for p in [REPO / "examples" / "toy.yaml", *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
-                             *(REPO / "plugins" / "eye_fundus" / "data").glob("*.yaml")] if p not in SWEEPS)
+_YAMLS = [*(REPO / "examples").glob("*.yaml"), *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
+          *(REPO / "plugins" / "eye_fundus" / "data").glob("*.yaml")]
+SWEEPS = sorted(p for p in _YAMLS if "grid" in (yaml.safe_load(p.read_text()) or {}))
+SHIPPED = sorted(p for p in _YAMLS if p not in SWEEPS)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
@@ -31,7 +33,8 @@ def test_shipped_sweep_validates_every_grid_point(path):
     from distillkit.sweep import load_sweep
 
     spec = load_sweep(path, REGISTRIES)
-    assert len(spec.runs) == {"toy_sweep.yaml": 4, "sweep.yaml": 9}[path.name]
+    assert len(spec.runs) == {"toy_sweep.yaml": 4, "sweep.yaml": 9, "m3_seeds.yaml": 3,
+                              "fundus_mix_sweep.yaml": 5}[path.name]
     assert len({r.id for r in spec.runs}) == len(spec.runs)
 
 
