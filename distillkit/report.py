@@ -74,7 +74,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         raise DistillkitError(f"the report draws its figures with matplotlib, which is not installed ({exc}).",
                               hint="pip install matplotlib (or install distillkit[eye]).") from None
     run = RunDirectory(run_path)
-    html_path = Path(out) if out is not None else run.path / "report" / "report.html"
+    html_path = Path(out) if out is not None else run.layout.report / "report.html"
     report = Report(html_path)
     note = report.notes.append
     summary = run.summary()
@@ -425,7 +425,7 @@ def _write(report: Report, run: RunDirectory, summary: Mapping[str, Any] | None,
 
     parts = [f"<h1>distillkit report: {html.escape(run.name)}</h1>",
              f"<p class=\"meta\">Run directory {html.escape(str(run.path.resolve()))}; config "
-             f"{html.escape(str(run.info.get('config_file', run.path / 'config.yaml')))}; written "
+             f"{html.escape(str(run.info.get('config_file', run.layout.config)))}; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}.</p>"]
     if summary:
         parts.append(f"<h2>Metrics ({html.escape(summary['split'])} split, stage {html.escape(summary['stage'])})</h2>")

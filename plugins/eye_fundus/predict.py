@@ -38,7 +38,7 @@ def image_size_for(checkpoint: Path, meta: dict[str, Any]) -> tuple[int, str]:
     run = find_run_dir(checkpoint)
     size = (run.config.get("data") or {}).get("image_size") if run is not None else None
     if size:
-        return int(size), str(run.path / "config.yaml")
+        return int(size), str(run.layout.config)
     return DEFAULT_IMAGE_SIZE, "the default"
 
 
