@@ -226,7 +226,10 @@ class SplitData:
     indices: np.ndarray  # into the Dataset
     inputs: Tensor
     targets: dict[str, dict[str, Tensor]] | None = None
+    #: every label field's raw values (labeled splits only), e.g. for ``group_by`` a field
     raw_labels: dict[str, list[str | None]] = field(default_factory=dict)
+    #: each row's group id (e.g. its patient)
+    groups: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -255,9 +258,9 @@ def prepare_splits(dataset: Dataset, params: SplitParams, tasks: Mapping[str, Ta
     for split in SPLITS:
         rows = idx[split]
         inputs = dataset.inputs[torch.from_numpy(rows)] if len(rows) else dataset.inputs[:0]
-        data = SplitData(split, rows, inputs.contiguous())
+        data = SplitData(split, rows, inputs.contiguous(), groups=[dataset.groups[i] for i in rows])
         if split != "unlabeled":
-            data.raw_labels = {t.field: [dataset.labels[t.field][i] for i in rows] for t in tasks.values()}
+            data.raw_labels = {f: [values[i] for i in rows] for f, values in dataset.labels.items()}
             data.targets = {
                 name: task.encode(data.raw_labels[task.field], where=f"{dataset.source} ({split} split)")
                 for name, task in tasks.items()

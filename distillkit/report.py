@@ -148,7 +148,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
                                       f"Models: {', '.join(known)}.", where="--gradcam-model")
     if use_data and stage is not None:
         try:
-            _model_figures(run, registries, report, add, plots, split, group_task, images_per_class,
+            # top-K and Grad-CAM rows go per class of a grouping task; a field or group id groups no classes
+            class_task = group_task if group_task in task_kinds else None
+            _model_figures(run, registries, report, add, plots, split, class_task, images_per_class,
                            gradcam_models, torch.device(device), warn)
         except DistillkitError as exc:
             # e.g. the data moved since the run: the page still shows what the run directory holds

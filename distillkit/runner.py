@@ -78,7 +78,7 @@ def check_plan(config: RunConfig, registries: Registries) -> tuple[dict[str, Sta
                                 f"{did_you_mean(dep, stages)} Stages: {', '.join(stages)}.")
             elif dep == name:
                 problems.append(f"stages.{name}: depends on itself.")
-    view = PlanView(config, stages, tuple(frozen_encoder_params(config.student, registries)))
+    view = PlanView(config, stages, registries, tuple(frozen_encoder_params(config.student, registries)))
     for stage in stages.values():
         problems += stage.check(view)
     if problems:
@@ -223,6 +223,10 @@ class Runner(StageContext):
         check_plan(self.config, self.registries)
         self.prepare_data()
         planned = plan(self.config, self.registries, self.data_fingerprint)
+        problems = [p for step in planned for p in step.stage.check_data(self)]
+        if problems:
+            raise DistillkitError("invalid stages:\n" + "\n".join(f"  - {p}" for p in problems),
+                                  where=self.config.file)
         # config.yaml, plan.json and run.json describe the results in this folder: a new run
         # writes them at once, a run over earlier results only when all its stages are done,
         # so a failed run never replaces the description of an earlier good one.

@@ -95,8 +95,12 @@ class PlanView:
 
     config: Any
     stages: Mapping[str, "Stage"]
+    registries: Any
     #: student fields whose encoder freezes blocks (``student.encoder`` ...)
     frozen: Sequence[str] = ()
+
+    def task_class(self, task: str) -> type[Task]:
+        return self.registries.task.get(self.config.tasks[task].kind)
 
     @property
     def tasks(self) -> list[str]:
@@ -156,6 +160,11 @@ class Stage(ABC):
                             f"step, which their feature cache cannot hold; set stages.{self.name}.training."
                             f"feature_cache: off (or remove the augmentation).")
         return problems
+
+    def check_data(self, ctx: StageContext) -> list[str]:
+        """Mistakes that show only once the data is loaded (``ctx.splits`` and ``ctx.tasks`` are
+        ready), e.g. a field the data does not have; called on every stage before the first runs."""
+        return []
 
     @abstractmethod
     def describe(self, all_tasks: Sequence[str]) -> str: ...
@@ -526,7 +535,8 @@ class EvaluateParams(Params):
     #: stages whose models are compared (rows of the table)
     models: list[str] = Field(min_length=1)
     split: Literal["val", "test"] = "test"
-    #: also report every metric per value of this task's label (e.g. per broad disease)
+    #: also report every metric per group of rows: per true class of a classification task (e.g.
+    #: per broad disease), per value of a dataset field, or per group id (``group``)
     group_by: Optional[str] = None
     batch_size: int = Field(256, ge=1)
 
@@ -547,10 +557,20 @@ class EvaluateStage(Stage):
         return self.task_names(all_tasks) + ([group_by] if group_by in all_tasks else [])
 
     def check(self, plan: PlanView) -> list[str]:
+        from distillkit.evaluation import grouping_problem
+
         group_by = self.params.group_by
-        if group_by and group_by not in plan.tasks:
-            return [f"stages.{self.name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, plan.tasks)}"]
-        return super().check(plan)
+        # a task must be a classification task; a field can be checked only once the data is loaded
+        problem = grouping_problem(group_by, {t: plan.task_class(t) for t in plan.tasks}, None) if group_by else None
+        return super().check(plan) + ([f"stages.{self.name}.group_by: {problem}"] if problem else [])
+
+    def check_data(self, ctx: StageContext) -> list[str]:
+        from distillkit.evaluation import grouping_problem
+
+        group_by = self.params.group_by
+        fields = sorted(ctx.splits[self.params.split].raw_labels)
+        problem = grouping_problem(group_by, ctx.tasks, fields) if group_by else None
+        return [f"stages.{self.name}.group_by: {problem}"] if problem else []
 
     def describe(self, all_tasks: Sequence[str]) -> str:
         by = f", per {self.params.group_by}" if self.params.group_by else ""
@@ -572,7 +592,7 @@ class EvaluateStage(Stage):
                     metrics = evaluate(loaded.model, tasks, split, self.params.batch_size, ctx.device)
                     if self.params.group_by:
                         metrics["by_group"] = evaluate_grouped(loaded.model, tasks, split, self.params.group_by,
-                                                               ctx.tasks[self.params.group_by],
+                                                               ctx.tasks,
                                                                self.params.batch_size, ctx.device)
                 result.metrics.setdefault(self.params.split, {})[record.label] = metrics
         write_json(workdir / "metrics.json", result.metrics)
