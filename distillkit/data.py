@@ -78,12 +78,41 @@ class DatasetSource(ABC):
         self.params = params
         self.context = context
 
+    #: file suffixes (lower case, with the dot) ``distillkit predict`` keeps when it expands a
+    #: folder given as input; empty: every file
+    input_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: what ``distillkit predict --json`` calls one input (e.g. ``image``)
+    input_kind: ClassVar[str] = "file"
+
     @abstractmethod
     def load(self) -> Dataset: ...
 
     def fingerprint(self) -> str:
         """Identifies the data for stage hashes and caches; override to include file contents."""
         return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()[:16]
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """User files -> model inputs, one row per file in order, stored exactly as :meth:`load`
+        stores its inputs (dtype and shape of a row); used by ``distillkit predict``.
+
+        The fitted input transform is not applied here: it travels in the model file and the
+        model applies it. A file that cannot be read raises :class:`DistillkitError` naming it.
+        The default refuses: a source reads files only if it says how.
+        """
+        raise DistillkitError(f"the dataset source '{self.params.kind}' cannot read inputs from files, so "
+                              f"its models cannot predict for files.", where="data.kind",
+                              hint=f"Its plugin can implement {type(self).__name__}.load_inputs(paths).")
+
+    def fit_input_transform(self, train_inputs: Tensor) -> dict[str, Tensor] | None:
+        """A transform of raw inputs fitted on the training split's inputs (never validation,
+        test or the pool), e.g. standardisation: ``{"shift": mean, "scale": std}`` per feature,
+        applied as ``(x - shift) / scale`` (:class:`distillkit.interfaces.InputTransform`).
+
+        Called by the runner once the data is split, before the first stage. The tensors are
+        saved in every model file of the run and applied wherever a model reads raw inputs.
+        The default, ``None``, transforms nothing.
+        """
+        return None
 
 
 class SplitParams(Params):

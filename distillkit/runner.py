@@ -33,6 +33,7 @@ from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.evaluation import summary_rows
 from distillkit.feature_cache import check_frozen_encoders, frozen_encoder_params
+from distillkit.interfaces import InputTransform
 from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.progress import Reporter
 from distillkit.registry import Registries
@@ -199,6 +200,9 @@ class Runner(StageContext):
         dataset = source.load()
         self.tasks = {name: self.registries.task.get(p.kind)(name, p) for name, p in config.tasks.items()}
         self.splits = prepare_splits(dataset, config.split, self.tasks)
+        self.input_transform = source.fit_input_transform(self.splits["train"].inputs)
+        if self.input_transform is not None:
+            InputTransform(self.input_transform, where=f"{config.data.kind}.fit_input_transform")  # checks it
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         self.reporter.message(f"data: {dataset.source}, {len(dataset)} items ({sizes}) "
                               f"in {time.perf_counter() - started:.1f}s")

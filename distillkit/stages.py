@@ -23,7 +23,7 @@ from distillkit.feature_cache import FeatureCache, FrozenPrefix, reading_feature
 from distillkit.interfaces import Encoder, Params, Student, Task, Teacher
 from distillkit.io import read_json, write_json
 from distillkit.rundir import RunLayout
-from distillkit.models import as_teacher, build_student, init_from, load_model, model_meta
+from distillkit.models import as_teacher, attach_input_transform, build_student, init_from, load_model, model_meta
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
                                         route_teachers)
 from distillkit.training import evaluate, fit
@@ -63,6 +63,8 @@ class StageContext(ABC):
     data_fingerprint: str
     #: the shared data cache (decoded images, frozen features)
     cache_dir: Path
+    #: the input transform fitted on the training split (``shift``/``scale``), or ``None``
+    input_transform: Mapping[str, Any] | None = None
 
     @abstractmethod
     def result(self, stage: str) -> StageResult: ...
@@ -196,13 +198,15 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
     seed = ctx.config.seed
     torch.manual_seed(hash_seed(seed, stage, label, "init"))
     model = build_student(ctx.config.student, tasks, ctx.registries)
+    attach_input_transform(model, ctx.input_transform)
     if init is not None:
         record = ctx.result(init).models[0]
         init_from(model, ctx.run_dir / record.path, where=f"stages.{stage}.init")
     model.to(ctx.device)
     loss_fn = ctx.registries.loss.get(params.loss.kind)(params.loss)
     training = params.training
-    meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs)
+    meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs,
+                      data=ctx.config.resolved()["data"])
     train_name = "unlabeled" if teachers is not None and params.data == "unlabeled" else "train"
     if teachers is not None and len(ctx.splits[train_name]) == 0:
         raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
