@@ -1,6 +1,8 @@
 """The training loop shared by supervised and distillation stages.
 
-One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom.
+One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom. Its
+named steps follow it: resuming (``_resume``), the finite check of every epoch
+(``_check_finite``) and early stopping (``_track_best``, comparing scores in ``_improved``).
 Teachers never appear here; a distillation stage passes a ``soft_targets`` callable that
 returns each task's soft target for a batch (from the teacher-output cache, or online).
 """
@@ -238,12 +240,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     tau = dict(tau or {})
     es = params.early_stopping
     metric = _monitored_metric(es, tasks, use_labels)
-    model.to(device)
-    if params.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.optimizer)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-                 if params.scheduler == "cosine" else None)
+    optimizer, scheduler = _placed_with_optimizer(model, params, device)
     autocast = device.type == "cuda" and params.mixed_precision
     workdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
@@ -317,6 +314,17 @@ def _monitored_metric(es: EarlyStoppingParams | None, tasks: Mapping[str, Task],
     if metric == "val_loss" and not use_labels:
         metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
     return metric
+
+
+def _placed_with_optimizer(model: Student, params: TrainingParams, device: torch.device):
+    """Move ``model`` to ``device`` (channels-last on CUDA if asked); its optimizer and scheduler."""
+    model.to(device)
+    if params.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.optimizer)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+                 if params.scheduler == "cosine" else None)
+    return optimizer, scheduler
 
 
 def _fresh_state() -> dict[str, Any]:
