@@ -22,8 +22,8 @@ from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.feature_cache import FeatureCache, FrozenPrefix, reading_features
 from distillkit.interfaces import Encoder, Params, Student, Task, Teacher
 from distillkit.io import read_json, write_json
-from distillkit.rundir import RunLayout
 from distillkit.models import as_teacher, attach_input_transform, build_student, init_from, load_model, model_meta
+from distillkit.rundir import RunLayout
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
                                         route_teachers)
 from distillkit.training import evaluate, fit
