@@ -91,6 +91,12 @@ def test_predict_on_raw_files_equals_evaluation_on_the_same_rows(standardized_ru
     assert metrics["cluster"]["accuracy"] == pytest.approx(np.mean(hits))
     assert np.mean(hits) > 0.5  # 4 clusters; unstandardised, the same 3 epochs reach about 0.37
 
+    # distillkit eval re-creates the data and applies the model's own transform: the same numbers
+    evaluated = CliRunner().invoke(cli, ["eval", str(checkpoint), "--split", "test", "--json", "-"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output[evaluated.output.index("{"):])
+    assert next(iter(report["metrics"].values()))["cluster"]["accuracy"] == pytest.approx(np.mean(hits))
+
 
 def test_a_source_without_load_inputs_cannot_predict():
     class _Params(Params):
