@@ -78,12 +78,41 @@ class DatasetSource(ABC):
         self.params = params
         self.context = context
 
+    #: file suffixes (lower case, with the dot) ``distillkit predict`` keeps when it expands a
+    #: folder given as input; empty: every file
+    input_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: what ``distillkit predict --json`` calls one input (e.g. ``image``)
+    input_kind: ClassVar[str] = "file"
+
     @abstractmethod
     def load(self) -> Dataset: ...
 
     def fingerprint(self) -> str:
         """Identifies the data for stage hashes and caches; override to include file contents."""
         return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()[:16]
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """User files -> model inputs, one row per file in order, stored exactly as :meth:`load`
+        stores its inputs (dtype and shape of a row); used by ``distillkit predict``.
+
+        The fitted input transform is not applied here: it travels in the model file and the
+        model applies it. A file that cannot be read raises :class:`DistillkitError` naming it.
+        The default refuses: a source reads files only if it says how.
+        """
+        raise DistillkitError(f"the dataset source '{self.params.kind}' cannot read inputs from files, so "
+                              f"its models cannot predict for files.", where="data.kind",
+                              hint=f"Its plugin can implement {type(self).__name__}.load_inputs(paths).")
+
+    def fit_input_transform(self, train_inputs: Tensor) -> dict[str, Tensor] | None:
+        """A transform of raw inputs fitted on the training split's inputs (never validation,
+        test or the pool), e.g. standardisation: ``{"shift": mean, "scale": std}`` per feature,
+        applied as ``(x - shift) / scale`` (:class:`distillkit.interfaces.InputTransform`).
+
+        Called by the runner once the data is split, before the first stage. The tensors are
+        saved in every model file of the run and applied wherever a model reads raw inputs.
+        The default, ``None``, transforms nothing.
+        """
+        return None
 
 
 class SplitParams(Params):
@@ -226,7 +255,10 @@ class SplitData:
     indices: np.ndarray  # into the Dataset
     inputs: Tensor
     targets: dict[str, dict[str, Tensor]] | None = None
+    #: every label field's raw values (labeled splits only), e.g. for ``group_by`` a field
     raw_labels: dict[str, list[str | None]] = field(default_factory=dict)
+    #: each row's group id (e.g. its patient)
+    groups: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -255,9 +287,9 @@ def prepare_splits(dataset: Dataset, params: SplitParams, tasks: Mapping[str, Ta
     for split in SPLITS:
         rows = idx[split]
         inputs = dataset.inputs[torch.from_numpy(rows)] if len(rows) else dataset.inputs[:0]
-        data = SplitData(split, rows, inputs.contiguous())
+        data = SplitData(split, rows, inputs.contiguous(), groups=[dataset.groups[i] for i in rows])
         if split != "unlabeled":
-            data.raw_labels = {t.field: [dataset.labels[t.field][i] for i in rows] for t in tasks.values()}
+            data.raw_labels = {f: [values[i] for i in rows] for f, values in dataset.labels.items()}
             data.targets = {
                 name: task.encode(data.raw_labels[task.field], where=f"{dataset.source} ({split} split)")
                 for name, task in tasks.items()

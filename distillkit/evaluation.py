@@ -8,29 +8,74 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from distillkit.data import SplitData, iterate_batches
+from distillkit.errors import did_you_mean
 from distillkit.interfaces import Student, Task
+
+Tensor = torch.Tensor
+
+
+#: ``group_by`` value that groups rows by their group id (e.g. the patient)
+GROUP_ID = "group"
+
+
+def grouping_problem(group_by: str, tasks: Mapping[str, Any], fields: Sequence[str] | None) -> str | None:
+    """Why ``group_by`` cannot group rows, or ``None`` when it can.
+
+    ``group_by`` names a classification task (rows grouped by their true class), a dataset
+    field (by its raw value) or ``group`` (by group id). ``tasks`` maps task names to task
+    classes or instances; ``fields`` is ``None`` while the data is not loaded yet (then only
+    a task name can be refuted).
+    """
+    from distillkit.builtin.classification import ClassificationTask
+
+    if group_by in tasks:
+        task = tasks[group_by]
+        cls = task if isinstance(task, type) else type(task)
+        if issubclass(cls, ClassificationTask):
+            return None
+        return (f"task '{group_by}' is not a classification task, so its labels are not groups; group by a "
+                f"classification task, a dataset field or '{GROUP_ID}' (the group id).")
+    if fields is None or group_by == GROUP_ID or group_by in fields:
+        return None
+    choices = [t for t in tasks] + list(fields) + [GROUP_ID]
+    return (f"'{group_by}' is neither a task, a field of the data nor '{GROUP_ID}'.{did_you_mean(group_by, choices)} "
+            f"Fields: {', '.join(fields) or 'none'}.")
+
+
+def row_groups(split: SplitData, group_by: str, tasks: Mapping[str, Task]) -> tuple[list[str], Tensor]:
+    """The group names and each row's group (an index into them; -1: the row has no group).
+
+    A classification task groups by the true class (rows without a known label have none);
+    a field by its raw value, sorted; ``group`` by the group id.
+    """
+    if group_by in tasks:
+        target = split.targets[group_by]
+        return list(tasks[group_by].classes), torch.where(target["present"], target["y"], -1).cpu()
+    values = split.groups if group_by == GROUP_ID and group_by not in split.raw_labels else split.raw_labels[group_by]
+    names = sorted({str(v) for v in values if v is not None})
+    index = {name: i for i, name in enumerate(names)}
+    return names, torch.tensor([index[str(v)] if v is not None else -1 for v in values], dtype=torch.long)
 
 
 @torch.no_grad()
-def evaluate_grouped(model: Student, tasks: Mapping[str, Task], split: SplitData, group_task: str,
-                     grouping: Task, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Every task's metrics restricted to the rows of each class of ``group_task``.
+def evaluate_grouped(model: Student, tasks: Mapping[str, Task], split: SplitData, group_by: str,
+                     grouping: Mapping[str, Task], batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Every task's metrics restricted to the rows of each group (see :func:`row_groups`).
 
-    Groups are the *true* labels of the grouping task (e.g. per broad disease), so each
-    group's numbers answer "how well do we do on patients who have X".
+    ``grouping`` holds the tasks ``group_by`` may name. A task's groups are its *true* labels
+    (e.g. per broad disease), so each group's numbers answer "how well do we do on patients who
+    have X".
     """
     model.eval()
-    names = getattr(grouping, "classes", None)
-    if names is None:
-        raise ValueError(f"task '{group_task}' has no class list to group by")
+    names, groups = row_groups(split, group_by, grouping)
     accumulators = {g: {t: task.metrics() for t, task in tasks.items()} for g in range(len(names))}
     for batch in iterate_batches(split, batch_size, device=device):
         assert batch.targets is not None
         feats = model.features(batch.inputs)
         predictions = {t: task.predict(model.heads[t], feats) for t, task in tasks.items()}
-        group = batch.targets[group_task]
+        group = groups[batch.index].to(device)
         for g in range(len(names)):
-            rows = group["present"] & (group["y"] == g)
+            rows = group == g
             if not bool(rows.any()):
                 continue
             for t in tasks:
@@ -102,11 +147,11 @@ def evaluate_checkpoints(models: Sequence[tuple[str, Any]], data: Any, split: st
             raise DistillkitError(f"the {split} split is empty.", where=data.where)
         metrics = evaluate(loaded.model, loaded.tasks, rows, batch_size, device)
         if group_by:
-            if group_by not in loaded.tasks:
-                raise DistillkitError(f"model {label} has no task '{group_by}' to group by "
-                                      f"(tasks: {', '.join(loaded.tasks)}).", where="--group-by")
+            problem = grouping_problem(group_by, loaded.tasks, sorted(data.dataset.labels))
+            if problem:
+                raise DistillkitError(f"model {label}: {problem}", where="--group-by")
             metrics["by_group"] = evaluate_grouped(loaded.model, loaded.tasks, rows, group_by,
-                                                   loaded.tasks[group_by], batch_size, device)
+                                                   loaded.tasks, batch_size, device)
         results[label] = metrics
         for name, task in loaded.tasks.items():
             all_tasks.setdefault(name, task)

@@ -189,7 +189,7 @@ class FeatureCache:
         if len(features) != len(split):
             raise DistillkitError(f"the feature cache {directory} holds {len(features)} rows for the "
                                   f"{len(split)} of the {split.name} split; delete it.", where=str(directory))
-        return SplitData(split.name, split.indices, features, split.targets, split.raw_labels)
+        return SplitData(split.name, split.indices, features, split.targets, split.raw_labels, split.groups)
 
     def _build(self, encoder: Encoder, split: SplitData, directory: Path) -> Tensor:
         _remove_stale_builds(directory)

@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from distillkit.errors import DistillkitError
+
 Tensor = torch.Tensor
 
 
@@ -175,19 +177,25 @@ class Encoder(nn.Module):
         """Stored inputs -> what the first block takes (e.g. uint8 pixels -> normalised floats)."""
         return inputs
 
+    def transform_inputs(self, inputs: Tensor) -> Tensor:
+        """Raw inputs through the run's fitted :class:`InputTransform`, if the encoder holds one
+        (as its ``input_transform`` submodule, saved with its weights); runs before :meth:`preprocess`."""
+        transform = self._modules.get("input_transform")
+        return inputs if transform is None else transform(inputs)
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The encoder's blocks in order, each with a name a ``freeze: {until: ...}`` can give."""
         raise NotImplementedError(f"{type(self).__name__} does not list its blocks")
 
     def forward(self, inputs: Tensor) -> Tensor:
-        x = self.preprocess(inputs)
+        x = self.preprocess(self.transform_inputs(inputs))
         for _, block in self.blocks():
             x = block(x)
         return x
 
     def forward_frozen(self, inputs: Tensor) -> Tensor:
         """Raw inputs -> the output of the frozen part (what the feature cache stores)."""
-        x = self.preprocess(inputs)
+        x = self.preprocess(self.transform_inputs(inputs))
         for _, block in self.blocks()[:self.frozen_blocks]:
             x = block(x)
         return x
@@ -209,6 +217,36 @@ class Encoder(nn.Module):
                 if module is not self and id(module) not in trainable:
                     module.training = False
         return self
+
+
+class InputTransform(nn.Module):
+    """``(x - shift) / scale`` on raw inputs, with tensors fitted on the training split only
+    (:meth:`distillkit.data.DatasetSource.fit_input_transform`, e.g. every feature's mean and
+    standard deviation). ``shift`` and ``scale`` broadcast against one input row; they are
+    buffers of the encoder, so they travel in every model file and apply wherever the model
+    reads raw inputs: training, evaluation, teachers, ``distillkit eval`` and ``predict``."""
+
+    KEYS = ("shift", "scale")
+
+    def __init__(self, state: Mapping[str, Any], where: str = "fit_input_transform"):
+        super().__init__()
+        if not isinstance(state, Mapping) or set(state) != set(self.KEYS):
+            raise DistillkitError(f"an input transform is a dict with exactly the tensors 'shift' and 'scale', "
+                                  f"not {sorted(state) if isinstance(state, Mapping) else type(state).__name__}.",
+                                  where=where)
+        shift = torch.as_tensor(state["shift"], dtype=torch.float32).detach().clone()
+        scale = torch.as_tensor(state["scale"], dtype=torch.float32).detach().clone()
+        if not (bool(torch.isfinite(shift).all()) and bool(torch.isfinite(scale).all()) and bool((scale != 0).all())):
+            raise DistillkitError("the input transform's 'shift' and 'scale' must be finite and 'scale' nonzero "
+                                  "(a constant feature has standard deviation 0: use 1 for it).", where=where)
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return (inputs.float() - self.shift) / self.scale
+
+    def state(self) -> dict[str, Tensor]:
+        return {"shift": self.shift, "scale": self.scale}
 
 
 class Student(nn.Module):

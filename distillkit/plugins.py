@@ -35,7 +35,6 @@ _REGISTER_HOOKS = {
     "register_aggregations": "aggregation",
     "register_datasets": "dataset",
     "register_augmentations": "augmentation",
-    "register_metrics": "metric",
     "register_stages": "stage",
 }
 

@@ -70,8 +70,7 @@ class Registry(Generic[T]):
 
 
 # Every kind of component a plugin can register, in the order `distillkit plugins` shows them.
-KINDS = ("task", "encoder", "student", "teacher", "loss", "aggregation", "dataset", "augmentation", "metric",
-         "stage")
+KINDS = ("task", "encoder", "student", "teacher", "loss", "aggregation", "dataset", "augmentation", "stage")
 
 
 class Registries:

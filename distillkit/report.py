@@ -74,7 +74,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         raise DistillkitError(f"the report draws its figures with matplotlib, which is not installed ({exc}).",
                               hint="pip install matplotlib (or install distillkit[eye]).") from None
     run = RunDirectory(run_path)
-    html_path = Path(out) if out is not None else run.path / "report" / "report.html"
+    html_path = Path(out) if out is not None else run.layout.report / "report.html"
     report = Report(html_path)
     note = report.notes.append
     summary = run.summary()
@@ -148,7 +148,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
                                       f"Models: {', '.join(known)}.", where="--gradcam-model")
     if use_data and stage is not None:
         try:
-            _model_figures(run, registries, report, add, plots, split, group_task, images_per_class,
+            # top-K and Grad-CAM rows go per class of a grouping task; a field or group id groups no classes
+            class_task = group_task if group_task in task_kinds else None
+            _model_figures(run, registries, report, add, plots, split, class_task, images_per_class,
                            gradcam_models, torch.device(device), warn)
         except DistillkitError as exc:
             # e.g. the data moved since the run: the page still shows what the run directory holds
@@ -425,7 +427,7 @@ def _write(report: Report, run: RunDirectory, summary: Mapping[str, Any] | None,
 
     parts = [f"<h1>distillkit report: {html.escape(run.name)}</h1>",
              f"<p class=\"meta\">Run directory {html.escape(str(run.path.resolve()))}; config "
-             f"{html.escape(str(run.info.get('config_file', run.path / 'config.yaml')))}; written "
+             f"{html.escape(str(run.info.get('config_file', run.layout.config)))}; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}.</p>"]
     if summary:
         parts.append(f"<h2>Metrics ({html.escape(summary['split'])} split, stage {html.escape(summary['stage'])})</h2>")

@@ -18,11 +18,12 @@ from pydantic import Field, field_validator
 
 from distillkit.checkpoint import file_checksum, save_model
 from distillkit.data import SplitData, hash_seed
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.feature_cache import FeatureCache, FrozenPrefix, reading_features
 from distillkit.interfaces import Encoder, Params, Student, Task, Teacher
 from distillkit.io import read_json, write_json
-from distillkit.models import as_teacher, build_student, init_from, load_model, model_meta
+from distillkit.models import as_teacher, attach_input_transform, build_student, init_from, load_model, model_meta
+from distillkit.rundir import RunLayout
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
                                         route_teachers)
 from distillkit.training import evaluate, fit
@@ -62,6 +63,8 @@ class StageContext(ABC):
     data_fingerprint: str
     #: the shared data cache (decoded images, frozen features)
     cache_dir: Path
+    #: the input transform fitted on the training split (``shift``/``scale``), or ``None``
+    input_transform: Mapping[str, Any] | None = None
 
     @abstractmethod
     def result(self, stage: str) -> StageResult: ...
@@ -88,6 +91,24 @@ class StageContext(ABC):
         return out
 
 
+@dataclass(frozen=True)
+class PlanView:
+    """What :meth:`Stage.check` sees: the run's config and every stage, and no data."""
+
+    config: Any
+    stages: Mapping[str, "Stage"]
+    registries: Any
+    #: student fields whose encoder freezes blocks (``student.encoder`` ...)
+    frozen: Sequence[str] = ()
+
+    def task_class(self, task: str) -> type[Task]:
+        return self.registries.task.get(self.config.tasks[task].kind)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.tasks)
+
+
 class Stage(ABC):
     Params: ClassVar[type[Params]]
     #: the stage has a ``training`` section merged over the run's defaults
@@ -106,9 +127,46 @@ class Stage(ABC):
         tasks = getattr(self.params, "tasks", None)
         return list(tasks) if tasks else list(all_tasks)
 
+    def key_tasks(self, all_tasks: Sequence[str]) -> list[str]:
+        """The tasks whose config goes into the stage's key (by default the tasks it learns)."""
+        return self.task_names(all_tasks)
+
     def model_task_sets(self, all_tasks: Sequence[str]) -> list[frozenset[str]]:
         """The task sets of the models this stage produces (for routing checks)."""
         return [frozenset(self.task_names(all_tasks))]
+
+    def check(self, plan: PlanView) -> list[str]:
+        """Mistakes in this stage's config that need no data, one ``stages.<name>...: ...`` line each.
+
+        Called by the planner (``distillkit run`` and ``validate``) on every stage before any data
+        is loaded, after references to unknown stages were collected: a stage named in
+        ``dependencies()`` may be missing from ``plan.stages``. The planner reports all lines
+        at once and orders the stages only when there are none. The base class checks the
+        stage's ``tasks`` and ``training``; subclasses extend the list.
+        """
+        problems = []
+        for task in getattr(self.params, "tasks", None) or []:
+            if task not in plan.tasks:
+                problems.append(f"stages.{self.name}.tasks: unknown task '{task}'.{did_you_mean(task, plan.tasks)} "
+                                f"Tasks: {', '.join(plan.tasks)}.")
+        training = getattr(self.params, "training", None)
+        es = getattr(training, "early_stopping", None)
+        own = self.task_names(plan.tasks)
+        if es is not None and es.metric not in ("val_loss", "val_kd") and es.metric.partition(".")[0] not in own:
+            problems.append(f"stages.{self.name}.training.early_stopping.metric: '{es.metric}' must be val_loss, "
+                            f"val_kd or <task>.<metric> for one of the stage's tasks ({', '.join(own)}).")
+        if (plan.frozen and getattr(training, "augment", None) is not None
+                and getattr(training, "feature_cache", "off") != "off"):
+            problems.append(f"stages.{self.name}.training.augment: random augmentation changes what the frozen "
+                            f"encoder blocks ({', '.join(f'student.{f}.freeze' for f in plan.frozen)}) see at every "
+                            f"step, which their feature cache cannot hold; set stages.{self.name}.training."
+                            f"feature_cache: off (or remove the augmentation).")
+        return problems
+
+    def check_data(self, ctx: StageContext) -> list[str]:
+        """Mistakes that show only once the data is loaded (``ctx.splits`` and ``ctx.tasks`` are
+        ready), e.g. a field the data does not have; called on every stage before the first runs."""
+        return []
 
     @abstractmethod
     def describe(self, all_tasks: Sequence[str]) -> str: ...
@@ -140,13 +198,15 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
     seed = ctx.config.seed
     torch.manual_seed(hash_seed(seed, stage, label, "init"))
     model = build_student(ctx.config.student, tasks, ctx.registries)
+    attach_input_transform(model, ctx.input_transform)
     if init is not None:
         record = ctx.result(init).models[0]
         init_from(model, ctx.run_dir / record.path, where=f"stages.{stage}.init")
     model.to(ctx.device)
     loss_fn = ctx.registries.loss.get(params.loss.kind)(params.loss)
     training = params.training
-    meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs)
+    meta = model_meta(ctx.config.student, tasks, stage, inputs=ctx.splits["train"].inputs,
+                      data=ctx.config.resolved()["data"])
     train_name = "unlabeled" if teachers is not None and params.data == "unlabeled" else "train"
     if teachers is not None and len(ctx.splits[train_name]) == 0:
         raise DistillkitError(f"stage '{stage}' distills on the {params.data} split, which is empty.",
@@ -196,7 +256,7 @@ def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[s
     if out.mode == "online":
         train_targets, val_targets = online, val_online
     else:
-        cache_root = ctx.run_dir / "cache" / "teacher_outputs"
+        cache_root = RunLayout(ctx.run_dir).teacher_outputs
         # fp16 frozen features give teachers slightly other inputs than raw images or fp32 features
         view = "frozen-fp16" if readers and params.training.feature_cache == "fp16" else "identity"
         targets = []
@@ -226,6 +286,13 @@ def _check_task_states(teachers: Sequence[Teacher], tasks: Mapping[str, Task], w
                                   f"({detail}), so its outputs do not match the student's.", where=where)
 
 
+def _init_problems(stage: Stage, plan: PlanView) -> list[str]:
+    init = getattr(stage.params, "init", None)
+    if init and init in plan.stages and not plan.stages[init].model_task_sets(plan.tasks):
+        return [f"stages.{stage.name}.init: stage '{init}' produces no model to initialise from."]
+    return []
+
+
 def _default_loss() -> dict[str, Any]:
     return {"kind": "kd"}
 
@@ -251,6 +318,9 @@ class TrainStage(Stage):
 
     def dependencies(self) -> list[str]:
         return [self.params.init] if self.params.init else []
+
+    def check(self, plan: PlanView) -> list[str]:
+        return super().check(plan) + _init_problems(self, plan)
 
     def describe(self, all_tasks: Sequence[str]) -> str:
         init = f" from {self.params.init}" if self.params.init else ""
@@ -290,6 +360,16 @@ class EnsembleStage(Stage):
 
     def model_task_sets(self, all_tasks: Sequence[str]) -> list[frozenset[str]]:
         return [frozenset(s) for s in self.subsets(all_tasks)]
+
+    def check(self, plan: PlanView) -> list[str]:
+        problems = super().check(plan)
+        if problems:  # subsets of unknown tasks would repeat the same mistake
+            return problems
+        for subset in self.subsets(plan.tasks):
+            for task in subset:
+                if task not in plan.tasks:
+                    problems.append(f"stages.{self.name}.subsets: unknown task '{task}'.")
+        return problems
 
     def describe(self, all_tasks: Sequence[str]) -> str:
         subsets = " ".join("{" + ",".join(s) + "}" for s in self.subsets(all_tasks))
@@ -374,6 +454,32 @@ class DistillStage(Stage):
         deps = ([self.params.init] if self.params.init else []) + list(self.params.teachers)
         return list(dict.fromkeys(deps))
 
+    def check(self, plan: PlanView) -> list[str]:
+        problems = super().check(plan) + _init_problems(self, plan)
+        p, own = self.params, self.task_names(plan.tasks)
+        if p.teacher_outputs.mode == "cache" and getattr(p.training, "augment", None) is not None:
+            problems.append(f"stages.{self.name}.training.augment: random augmentation shows the teachers a new "
+                            f"view of every batch, which the teacher-output cache cannot hold; set "
+                            f"stages.{self.name}.teacher_outputs.mode: online (or remove the augmentation).")
+        if isinstance(p.temperature, Mapping):
+            for task in p.temperature:
+                if task not in own:
+                    problems.append(f"stages.{self.name}.temperature.{task}: '{task}' is not a task of this stage."
+                                    f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
+        # Routing: each task of the stage needs a teacher that learned it. External teachers'
+        # tasks are known only once they are loaded (checked then).
+        if p.extra_teachers:
+            return problems
+        if not p.teachers:
+            return problems + [f"stages.{self.name}.teachers: stage '{self.name}' needs at least one teacher."]
+        learned = set().union(*[s for t in p.teachers if t in plan.stages
+                                for s in plan.stages[t].model_task_sets(plan.tasks)])
+        missing = [t for t in own if t not in learned]
+        if missing and all(t in plan.stages for t in p.teachers):
+            problems.append(f"stages.{self.name}.teachers: no teacher of stage '{self.name}' learned task(s) "
+                            f"{', '.join(missing)} (teachers: {', '.join(p.teachers)}).")
+        return problems
+
     def describe(self, all_tasks: Sequence[str]) -> str:
         p = self.params
         init = f" from {p.init}" if p.init else ""
@@ -433,7 +539,8 @@ class EvaluateParams(Params):
     #: stages whose models are compared (rows of the table)
     models: list[str] = Field(min_length=1)
     split: Literal["val", "test"] = "test"
-    #: also report every metric per value of this task's label (e.g. per broad disease)
+    #: also report every metric per group of rows: per true class of a classification task (e.g.
+    #: per broad disease), per value of a dataset field, or per group id (``group``)
     group_by: Optional[str] = None
     batch_size: int = Field(256, ge=1)
 
@@ -448,6 +555,26 @@ class EvaluateStage(Stage):
 
     def model_task_sets(self, all_tasks):
         return []
+
+    def key_tasks(self, all_tasks: Sequence[str]) -> list[str]:
+        group_by = self.params.group_by
+        return self.task_names(all_tasks) + ([group_by] if group_by in all_tasks else [])
+
+    def check(self, plan: PlanView) -> list[str]:
+        from distillkit.evaluation import grouping_problem
+
+        group_by = self.params.group_by
+        # a task must be a classification task; a field can be checked only once the data is loaded
+        problem = grouping_problem(group_by, {t: plan.task_class(t) for t in plan.tasks}, None) if group_by else None
+        return super().check(plan) + ([f"stages.{self.name}.group_by: {problem}"] if problem else [])
+
+    def check_data(self, ctx: StageContext) -> list[str]:
+        from distillkit.evaluation import grouping_problem
+
+        group_by = self.params.group_by
+        fields = sorted(ctx.splits[self.params.split].raw_labels)
+        problem = grouping_problem(group_by, ctx.tasks, fields) if group_by else None
+        return [f"stages.{self.name}.group_by: {problem}"] if problem else []
 
     def describe(self, all_tasks: Sequence[str]) -> str:
         by = f", per {self.params.group_by}" if self.params.group_by else ""
@@ -469,7 +596,7 @@ class EvaluateStage(Stage):
                     metrics = evaluate(loaded.model, tasks, split, self.params.batch_size, ctx.device)
                     if self.params.group_by:
                         metrics["by_group"] = evaluate_grouped(loaded.model, tasks, split, self.params.group_by,
-                                                               ctx.tasks[self.params.group_by],
+                                                               ctx.tasks,
                                                                self.params.batch_size, ctx.device)
                 result.metrics.setdefault(self.params.split, {})[record.label] = metrics
         write_json(workdir / "metrics.json", result.metrics)

@@ -1,6 +1,8 @@
 """The training loop shared by supervised and distillation stages.
 
-One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom.
+One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom. Its
+named steps follow it: resuming (``_resume``), the finite check of every epoch
+(``_check_finite``) and early stopping (``_track_best``, comparing scores in ``_improved``).
 Teachers never appear here; a distillation stage passes a ``soft_targets`` callable that
 returns each task's soft target for a batch (from the teacher-output cache, or online).
 """
@@ -231,47 +233,24 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     ``workdir`` receives ``last.safetensors`` (model, optimizer, RNG and loop state, written
     after every epoch) and ``best.safetensors``; if ``last.safetensors`` exists the loop resumes
     from it, so an interrupted stage continues where it stopped and ends with the same weights.
+    A distillation stage passes ``soft_targets`` (and ``val_soft_targets`` for ``val_kd``),
+    ``alpha`` (the soft term's weight) and ``tau``; an unlabeled one ``use_labels=False``.
     """
     callbacks = callbacks or NullCallbacks()
     tau = dict(tau or {})
     es = params.early_stopping
-    metric = es.metric if es else None
-    if metric is not None and "." in metric and metric.partition(".")[0] not in tasks:
-        # a model that does not learn the metric's task (a subset teacher of an ensemble whose
-        # run early-stops on another task's metric) stops on its own validation loss
-        metric = "val_loss"
-    if metric == "val_loss" and not use_labels:
-        metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
-    model.to(device)
-    if params.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.optimizer)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-                 if params.scheduler == "cosine" else None)
+    metric = _monitored_metric(es, tasks, use_labels)
+    optimizer, scheduler = _placed_with_optimizer(model, params, device)
     autocast = device.type == "cuda" and params.mixed_precision
     workdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
-
-    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
     torch.manual_seed(hash_seed(seed, stage, "init"))
-    if last_path.exists():
-        tensors, meta = load_tensors(last_path, STATE_FORMAT)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-        if scheduler is not None and meta.get("scheduler"):
-            scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        state = meta["loop"]
-        # The checkpoint, not the log, is the record: a crash between writing the two loses
-        # or repeats a log line, so the log is rewritten from the checkpoint's history.
-        log_path.unlink(missing_ok=True)
-        for record in state["history"]:
-            append_jsonl(log_path, record)
+    state = _resume(last_path, log_path, model, optimizer, scheduler) or _fresh_state()
 
     steps = math.ceil(len(train) / params.batch_size)
     row_weights = sampler_weights(train, params.sampler)
     # A run that already stopped early stays stopped: resuming it must not train on.
-    first_epoch = params.epochs if es is not None and state["bad_epochs"] >= es.patience else state["epoch"]
+    first_epoch = params.epochs if _stopped(es, state) else state["epoch"]
     for epoch in range(first_epoch, params.epochs):
         model.train()
         callbacks.on_epoch_start(epoch, params.epochs, steps)
@@ -299,44 +278,12 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             callbacks.on_step()
         if scheduler is not None:
             scheduler.step()
-        # A finite loss can still come with an update that overflowed the weights: those must
-        # not be saved below as the "last good checkpoint". (Two synchronisations per epoch.)
-        weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
-                                      if t.is_floating_point()]).all()
-        losses = step_losses[:len(step_rows)].cpu()
-        bad_steps = (~torch.isfinite(losses[:, 0])).nonzero()
-        nan_step = int(bad_steps[0]) if len(bad_steps) else -1
-        what = "loss"
-        if nan_step < 0 and not bool(weights_finite):
-            what = "weights"
-            nan_step = max(steps - 1, 0)  # only the epoch's last update can have done it
-        if nan_step >= 0:
-            raise DistillkitError(
-                f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {nan_step}; "
-                f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
-                "was kept.", where=str(workdir),
-                hint="Lower the learning rate, or check the inputs and labels for invalid values.")
+        losses = _check_finite(model, step_losses[:len(step_rows)], steps, stage, epoch, last_path, workdir)
 
         val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
                                val_soft_targets, tau) if len(val) else {}
-        rows = torch.tensor(step_rows, dtype=losses.dtype)
-        means = (losses * rows[:, None]).sum(0) / max(float(rows.sum()), 1.0)
-        record = {"epoch": epoch, "train_loss": float(means[0]),
-                  "train_parts": {t: float(means[1 + i]) for i, t in enumerate(tasks)},
-                  "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
-        improved = True
-        if metric is not None:
-            value, higher = score_of(val_metrics, metric)
-            record["monitor"] = {metric: value}
-            best = state["best_score"]
-            if math.isnan(value):
-                improved = best is None
-            elif best is not None and not math.isnan(best):  # a NaN best is beaten by any number
-                delta = (value - best) if higher else (best - value)
-                improved = delta > (es.min_delta if es else 0.0)
-            if improved:
-                state["best_score"] = value
-        if improved:
+        record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
+        if _track_best(state, metric, val_metrics, record, es.min_delta if es else 0.0):
             state["best_epoch"] = epoch
             state["bad_epochs"] = 0
             save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
@@ -344,16 +291,132 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(record)
-        stop = es is not None and state["bad_epochs"] >= es.patience
         _save_state(last_path, model, optimizer, scheduler, state)
         append_jsonl(log_path, record)
         callbacks.on_epoch_end(epoch, record)
-        if stop:
+        if _stopped(es, state):
             break
 
     best_state, _ = load_model_state(best_path)
     model.load_state_dict(best_state)
     return FitResult(best_epoch=state["best_epoch"], epochs_run=state["epoch"], history=state["history"])
+
+
+# -- the loop's named steps --------------------------------------------------------------------
+
+def _monitored_metric(es: EarlyStoppingParams | None, tasks: Mapping[str, Task], use_labels: bool) -> str | None:
+    """The validation metric that picks the best epoch (``None``: no early stopping, the last epoch)."""
+    metric = es.metric if es else None
+    if metric is not None and "." in metric and metric.partition(".")[0] not in tasks:
+        # a model that does not learn the metric's task (a subset teacher of an ensemble whose
+        # run early-stops on another task's metric) stops on its own validation loss
+        metric = "val_loss"
+    if metric == "val_loss" and not use_labels:
+        metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
+    return metric
+
+
+def _placed_with_optimizer(model: Student, params: TrainingParams, device: torch.device):
+    """Move ``model`` to ``device`` (channels-last on CUDA if asked); its optimizer and scheduler."""
+    model.to(device)
+    if params.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.optimizer)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+                 if params.scheduler == "cosine" else None)
+    return optimizer, scheduler
+
+
+def _fresh_state() -> dict[str, Any]:
+    """The loop state before the first epoch (saved in ``last.safetensors`` as it is)."""
+    return {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+
+def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.optim.Optimizer,
+            scheduler) -> dict[str, Any] | None:
+    """Restore model, optimizer, scheduler and RNG from ``last.safetensors`` and return the loop
+    state saved with them; ``None`` when there is nothing to resume."""
+    if not last_path.exists():
+        return None
+    tensors, meta = load_tensors(last_path, STATE_FORMAT)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+    if scheduler is not None and meta.get("scheduler"):
+        scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    state = meta["loop"]
+    # The checkpoint, not the log, is the record: a crash between writing the two loses
+    # or repeats a log line, so the log is rewritten from the checkpoint's history.
+    log_path.unlink(missing_ok=True)
+    for record in state["history"]:
+        append_jsonl(log_path, record)
+    return state
+
+
+def _stopped(es: EarlyStoppingParams | None, state: Mapping[str, Any]) -> bool:
+    return es is not None and state["bad_epochs"] >= es.patience
+
+
+def _check_finite(model: Student, step_losses: Tensor, steps: int, stage: str, epoch: int, last_path: Path,
+                  workdir: Path) -> Tensor:
+    """The epoch's step losses on the host; an error if a loss or a weight is NaN or infinite.
+
+    A finite loss can still come with an update that overflowed the weights: those must not
+    be saved as the "last good checkpoint". (Two synchronisations per epoch.)
+    """
+    weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                                  if t.is_floating_point()]).all()
+    losses = step_losses.cpu()
+    bad_steps = (~torch.isfinite(losses[:, 0])).nonzero()
+    nan_step = int(bad_steps[0]) if len(bad_steps) else -1
+    what = "loss"
+    if nan_step < 0 and not bool(weights_finite):
+        what = "weights"
+        nan_step = max(steps - 1, 0)  # only the epoch's last update can have done it
+    if nan_step >= 0:
+        raise DistillkitError(
+            f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {nan_step}; "
+            f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
+            "was kept.", where=str(workdir),
+            hint="Lower the learning rate, or check the inputs and labels for invalid values.")
+    return losses
+
+
+def _epoch_record(epoch: int, losses: Tensor, step_rows: list[int], tasks: Mapping[str, Task],
+                  optimizer: torch.optim.Optimizer, val_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The epoch's log line: row-weighted mean training losses, learning rate, validation scalars."""
+    rows = torch.tensor(step_rows, dtype=losses.dtype)
+    means = (losses * rows[:, None]).sum(0) / max(float(rows.sum()), 1.0)
+    return {"epoch": epoch, "train_loss": float(means[0]),
+            "train_parts": {t: float(means[1 + i]) for i, t in enumerate(tasks)},
+            "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
+
+
+def _track_best(state: dict[str, Any], metric: str | None, val_metrics: Mapping[str, Any],
+                record: dict[str, Any], min_delta: float) -> bool:
+    """Whether this epoch is the best so far (then its score becomes ``state["best_score"]``);
+    the monitored value goes into ``record``. Without a metric every epoch is the best."""
+    if metric is None:
+        return True
+    value, higher = score_of(val_metrics, metric)
+    record["monitor"] = {metric: value}
+    if not _improved(value, state["best_score"], higher, min_delta):
+        return False
+    state["best_score"] = value
+    return True
+
+
+def _improved(new: float, best: float | None, higher: bool, min_delta: float) -> bool:
+    """Whether ``new`` beats ``best`` by more than ``min_delta`` in the metric's direction.
+
+    The first score always counts; a NaN never beats a number, and any number beats a NaN best.
+    """
+    if math.isnan(new):
+        return best is None
+    if best is None or math.isnan(best):
+        return True
+    delta = (new - best) if higher else (best - new)
+    return delta > min_delta
 
 
 def _save_state(path: Path, model, optimizer, scheduler, loop_state) -> None:

@@ -63,15 +63,6 @@ def register_augmentations(register):
 
 
 @hookimpl
-def register_metrics(register):
-    from distillkit.builtin import metrics
-
-    register("accuracy", metrics.accuracy)
-    register("topk_accuracy", metrics.topk_accuracy)
-    register("confusion_matrix", metrics.confusion_matrix)
-
-
-@hookimpl
 def register_stages(register):
     from distillkit.stages import DistillStage, EnsembleStage, EvaluateStage, TrainStage
 

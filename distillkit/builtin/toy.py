@@ -7,11 +7,15 @@ the signs of the first two coordinates (4 classes), which shares structure with 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 import torch
 from pydantic import Field
 
 from distillkit.data import Dataset, DatasetSource
+from distillkit.errors import DistillkitError
 from distillkit.interfaces import Params
 
 
@@ -26,6 +30,11 @@ class ToyBlobsParams(Params):
     #: fraction of labeled rows whose 'quadrant' label is missing
     missing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    #: added to every coordinate (raw inputs far from 0, as tabular data often are)
+    offset: float = 0.0
+    #: standardise the inputs by the training split's mean and standard deviation per
+    #: coordinate; the transform is stored with every model and applied by it
+    standardize: bool = False
 
 
 class ToyBlobs(DatasetSource):
@@ -40,7 +49,9 @@ class ToyBlobs(DatasetSource):
         n = p.num_labeled + p.num_unlabeled
         cluster = rng.integers(0, p.classes, size=n)
         x = centres[cluster] + rng.normal(0.0, p.noise, size=(n, p.dim))
-        quadrant = (x[:, 0] > 0).astype(int) * 2 + (x[:, 1] > 0).astype(int)
+        quadrant_of = x.copy()
+        x = x + p.offset
+        quadrant = (quadrant_of[:, 0] > 0).astype(int) * 2 + (quadrant_of[:, 1] > 0).astype(int)
         pool = np.arange(n) >= p.num_labeled
         missing = rng.random(n) < p.missing
         labels = {
@@ -50,3 +61,24 @@ class ToyBlobs(DatasetSource):
         groups = [f"g{i // 2}" for i in range(n)]
         return Dataset(inputs=torch.from_numpy(x.astype(np.float32)), labels=labels, groups=groups,
                        ids=[f"toy/{i}" for i in range(n)], pool=pool, source="toy_blobs")
+
+    def fit_input_transform(self, train_inputs: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if not self.params.standardize:
+            return None
+        std = train_inputs.double().std(0, unbiased=False)
+        return {"shift": train_inputs.double().mean(0).float(),
+                "scale": torch.where(std > 0, std, torch.ones_like(std)).float()}
+
+    def load_inputs(self, paths: Sequence[Path]) -> torch.Tensor:
+        """One point per file: ``dim`` numbers separated by commas or white space."""
+        rows = []
+        for path in paths:
+            try:
+                values = [float(v) for v in Path(path).read_text(encoding="utf-8").replace(",", " ").split()]
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise DistillkitError(f"cannot read a point from the file ({exc}).", where=str(path)) from None
+            if len(values) != self.params.dim:
+                raise DistillkitError(f"the file holds {len(values)} numbers; a point has {self.params.dim}.",
+                                      where=str(path))
+            rows.append(values)
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.params.dim)

@@ -51,12 +51,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _add_builtin_commands() -> None:
-    from distillkit.cli import eval_cmd, plugins_cmd, report_cmd, run, sweep_cmd, validate
+    from distillkit.cli import eval_cmd, plugins_cmd, predict_cmd, report_cmd, run, sweep_cmd, validate
 
     cli.add_command(run.run)
     cli.add_command(validate.validate)
     cli.add_command(plugins_cmd.plugins)
     cli.add_command(eval_cmd.eval_command)
+    cli.add_command(predict_cmd.predict_command)
     cli.add_command(report_cmd.report)
     cli.add_command(sweep_cmd.sweep)
 

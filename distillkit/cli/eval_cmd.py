@@ -20,7 +20,9 @@ SPLIT_NAMES = ["train", "val", "test", "all"]
 @click.option("--stage", "stages", multiple=True, metavar="NAME",
               help="For a run directory: only these stages' models (default: those its evaluate stages "
                    "compared, else every model). Repeatable.")
-@click.option("--group-by", default=None, metavar="TASK", help="Also report every metric per class of TASK.")
+@click.option("--group-by", default=None, metavar="NAME",
+              help="Also report every metric per group: per true class of a classification task NAME, per value "
+                   "of a data field NAME, or per group id (NAME 'group').")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value of the --data file.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics as JSON to this file ('-' for standard output).")

@@ -26,6 +26,7 @@ from distillkit.io import read_json, write_json
 
 from eye_fundus.image_store import load_image_store, open_npy, save_npy
 from eye_fundus.manifest import DEFAULT_FIELDS, ManifestColumns, read_manifest
+from eye_fundus.predict import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,18 @@ def _generator_version() -> str:
 # ------------------------------------------------------------------------------------------
 
 
+class ImageInputs:
+    """``distillkit predict`` reads image files as this source stores its images (uint8, its ``image_size``)."""
+
+    input_kind = "image"
+    input_suffixes = tuple(sorted(IMAGE_SUFFIXES))
+
+    def load_inputs(self, paths):
+        from eye_fundus.predict import decode_images
+
+        return decode_images(paths, self.params.image_size)
+
+
 class SyntheticFundusParams(Params):
     kind: str = "synthetic_fundus"
     #: labeled patients (1-4 images each, about 2.3 on average)
@@ -67,7 +80,7 @@ class SyntheticFundusParams(Params):
     seed: int = Field(0, ge=0)
 
 
-class SyntheticFundusSource(DatasetSource):
+class SyntheticFundusSource(ImageInputs, DatasetSource):
     """Procedural fundus photographs with all three labels; needs no download.
 
     The generated set is cached in ``context.cache_dir/synthetic_fundus/`` (pixels as
@@ -179,7 +192,7 @@ class ManifestParams(Params):
         return self
 
 
-class ManifestSource(DatasetSource):
+class ManifestSource(ImageInputs, DatasetSource):
     """Real photographs listed in a CSV manifest (see :mod:`eye_fundus.manifest`).
 
     Images are decoded once into a store under ``context.cache_dir/image_store/`` (see

@@ -45,14 +45,6 @@ def register_augmentations(register):
 
 
 @hookimpl
-def register_metrics(register):
-    from eye_fundus.bleu import corpus_bleu, sentence_bleu_average
-
-    register("bleu", corpus_bleu)
-    register("bleu_sentence_average", sentence_bleu_average)
-
-
-@hookimpl
 def register_commands(cli):
     from eye_fundus.commands import add_commands
 
