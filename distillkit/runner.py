@@ -44,7 +44,7 @@ from distillkit.feature_cache import check_frozen_encoders, frozen_encoder_param
 from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.progress import Reporter
 from distillkit.registry import Registries
-from distillkit.stages import Stage, StageContext, StageResult
+from distillkit.stages import Stage, StageContext, StageResult, temperature_problems
 
 STAGE_FORMAT = "distillkit.stage/1"
 
@@ -68,6 +68,7 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
     all_tasks = list(config.tasks)
     problems: list[str] = []
     frozen = frozen_encoder_params(config.student, registries)
+    task_kinds = {t: (p.kind, registries.task.get(p.kind)) for t, p in config.tasks.items()}
     run_es = getattr(config.training, "early_stopping", None)
     if run_es is not None and run_es.metric not in ("val_loss", "val_kd") \
             and run_es.metric.partition(".")[0] not in all_tasks:
@@ -116,6 +117,7 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                 if task not in own:
                     problems.append(f"stages.{name}.temperature.{task}: '{task}' is not a task of this stage."
                                     f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
+        problems += temperature_problems(name, stage.params, stage.task_names(all_tasks), task_kinds)
         group_by = getattr(stage.params, "group_by", None)
         if group_by and group_by not in config.tasks:
             problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")

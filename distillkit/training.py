@@ -21,6 +21,7 @@ from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
+from distillkit.metric_direction import higher_is_better
 
 Tensor = torch.Tensor
 SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
@@ -190,8 +191,12 @@ def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_
     return out
 
 
-def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
+def score_of(metrics: Mapping[str, Any], metric: str,
+             tasks: Mapping[str, Task] | None = None) -> tuple[float, bool]:
     """(value, higher_is_better) of an early-stopping metric in a validation result.
+
+    The direction is the task's (``Task.metric_directions``: ``rmse`` is lower-is-better);
+    without ``tasks``, a task's metric counts as higher-is-better.
 
     A metric the result does not hold is a user error: read as NaN, a misspelt name would
     silently keep epoch 0 and stop after ``patience`` epochs.
@@ -201,7 +206,8 @@ def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
     else:
         task, _, key = metric.partition(".")
         sub = metrics.get(task)
-        value, higher = (sub.get(key) if isinstance(sub, Mapping) else None), True
+        value = sub.get(key) if isinstance(sub, Mapping) else None
+        higher = higher_is_better((tasks or {}).get(task), key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         known = [name for name, key in (("val_loss", "loss"), ("val_kd", "kd")) if key in metrics]
         known += [f"{t}.{k}" for t, sub in metrics.items() if isinstance(sub, Mapping)
@@ -326,7 +332,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
                   "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
         improved = True
         if metric is not None:
-            value, higher = score_of(val_metrics, metric)
+            value, higher = score_of(val_metrics, metric, tasks)
             record["monitor"] = {metric: value}
             best = state["best_score"]
             if math.isnan(value):
