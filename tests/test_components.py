@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 REGISTRIES = PluginManager().registries
 SWEEPS = [REPO / "examples" / "toy_sweep.yaml", REPO / "plugins" / "eye_fundus" / "sweep.yaml"]
-SHIPPED = sorted(p for p in [REPO / "examples" / "toy.yaml", *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
+SHIPPED = sorted(p for p in [REPO / "examples" / "toy.yaml", REPO / "examples" / "regression.yaml", *(REPO / "plugins" / "eye_fundus").glob("*.yaml"),
                              *(REPO / "plugins" / "eye_fundus" / "data").glob("*.yaml")] if p not in SWEEPS)
 
 
@@ -37,6 +37,7 @@ def test_shipped_sweep_validates_every_grid_point(path):
 
 TASK_LABELS = {
     "classification": (["a", "b", "a", None], ["b", "a", "a", "b"]),
+    "regression": (["1.5", "2.0", None, "4.0"], ["2.5", "-1.0", "3.0", None]),
     "caption": (["dot blot haemorrhage", "optic disc cupping", None, "dot haemorrhage"],
                 ["optic disc haemorrhage", "dot blot", "cupping", "disc"]),
 }
@@ -68,7 +69,10 @@ def test_task_forward_losses_and_self_distillation(name):
     metrics = task.metrics()
     metrics.update(task.predict(head, features), target)
     result = metrics.compute()
-    assert 0.0 <= result[task.primary_metric] <= 1.0
+    if task.metric_directions.get(task.primary_metric, "max") == "max":
+        assert 0.0 <= result[task.primary_metric] <= 1.0
+    else:  # an error (RMSE): finite, and above 0 for a random head
+        assert 0.0 < result[task.primary_metric] < float("inf")
 
 
 def _encoder_input(name: str) -> torch.Tensor:
