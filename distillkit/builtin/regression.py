@@ -133,19 +133,22 @@ class RegressionTask(Task):
             raise RuntimeError(f"task '{self.name}' must be fitted first")
 
     def _scale(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=like.device)
-        std = torch.tensor(self.std, dtype=torch.float32, device=like.device)
+        # float64 where the device has it: a price of 97,000,000 minus a mean of 97,330,000 in
+        # float32 loses the last units (its spacing there is 8), which a small std magnifies
+        dtype = torch.float32 if like.device.type == "mps" else torch.float64
+        mean = torch.tensor(self.mean, dtype=dtype, device=like.device)
+        std = torch.tensor(self.std, dtype=dtype, device=like.device)
         return mean, std
 
     def standardized(self, values: Tensor) -> Tensor:
-        """Values in the target's units -> the head's units."""
+        """Values in the target's units -> the head's units (float32)."""
         mean, std = self._scale(values)
-        return (values.float() - mean) / std
+        return ((values.to(mean.dtype) - mean) / std).float()
 
     def to_units(self, outputs: Tensor) -> Tensor:
-        """The head's outputs -> the target's units."""
+        """The head's outputs -> the target's units (float32)."""
         mean, std = self._scale(outputs)
-        return outputs.float() * std + mean
+        return (outputs.to(mean.dtype) * std + mean).float()
 
     # model --------------------------------------------------------------------------------
     def build_head(self, in_features: int) -> nn.Module:
