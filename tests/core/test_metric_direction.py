@@ -11,15 +11,15 @@ import torch
 
 import distillkit.training as training
 from distillkit.builtin.classification import ClassificationParams, ClassificationTask
-from distillkit.builtin.components import MLPParams, MultiTaskStudent, MLPEncoder, ValScoreParams, ValScorePolicy
+from distillkit.builtin.components import MLPEncoder, MLPParams, MultiTaskStudent, ValScoreParams, ValScorePolicy
 from distillkit.builtin.regression import RegressionParams, RegressionTask
 from distillkit.data import SplitData
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Teacher
 from distillkit.losses import KDLoss, KDLossParams
-from distillkit.metric_direction import best_of, direction, higher_is_better
+from distillkit.metric_direction import best_of, direction
 from distillkit.plugins import PluginManager, hookimpl
-from distillkit.training import NullCallbacks, OptimizerParams, TrainingParams, EarlyStoppingParams, fit, score_of
+from distillkit.training import EarlyStoppingParams, NullCallbacks, OptimizerParams, TrainingParams, fit, score_of
 
 CPU = torch.device("cpu")
 

@@ -12,16 +12,15 @@ from click.testing import CliRunner
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from distillkit.builtin.classification import ClassificationParams, ClassificationTask
-from distillkit.builtin.components import MLPEncoder, MLPParams, MultiTaskStudent
+from distillkit.builtin.components import MeanParams, MeanPolicy, MLPEncoder, MLPParams, MultiTaskStudent
 from distillkit.builtin.regression import RegressionParams, RegressionTask
 from distillkit.checkpoint import load_tensors
 from distillkit.cli import cli
 from distillkit.data import Batch, SplitData
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Teacher
-from distillkit.losses import KDLoss, KDLossParams, kl_rows
-from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, route_teachers)
-from distillkit.builtin.components import MeanParams, MeanPolicy
+from distillkit.losses import KDLoss, KDLossParams
+from distillkit.teacher_targets import OnlineTargets, TeacherOutputParams, build_or_load_cache, route_teachers
 from tests.conftest import REPO, write_config
 
 BIG = 97_000_000.0  # fp16 tops out at 65504: stored as fp16 this is infinity
