@@ -5,9 +5,11 @@ Vocabulary used throughout:
 * **features**: what a student's shared encoder produces for a batch, ``(B, D)``.
 * **target**: a task's encoded labels for a batch, a dict of tensors that always holds
   ``"present"`` (``(B,)`` bool: the row has a label for this task).
-* **soft target**: a task's aggregated teacher output for a batch at temperature ``tau``, a
-  dict of tensors that always holds ``"probs"`` (a distribution over the last axis). It may
-  hold more, e.g. the token prefix a sequence task decoded.
+* **soft target**: a task's aggregated teacher output for a batch (at temperature ``tau`` for
+  a task that has one), a dict of tensors. A task declares its keys in
+  :attr:`Task.soft_target_kinds`: a classification task returns ``"probs"`` (a distribution
+  over the last axis), a regression task ``"mean"`` (plain values); it may hold more, e.g. the
+  token prefix a sequence task decoded.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ class Task(ABC):
     Params: ClassVar[type[Params]]
     #: the metric (a key of :meth:`MetricAccumulator.compute`) used to rank models and teachers
     primary_metric: ClassVar[str] = "accuracy"
+    #: which way each metric improves: ``"max"`` (higher is better) or ``"min"`` (lower is
+    #: better, e.g. ``{"rmse": "min"}``); a metric not listed is ``"max"``. Early stopping,
+    #: ``temperature: auto``, the ``val_score`` policy and the report follow it.
+    metric_directions: ClassVar[dict[str, str]] = {}
+    #: what each tensor :meth:`soft_target` returns is, for the teacher-output cache:
+    #: ``"distribution"`` (probabilities over the last axis: stored as the stage's
+    #: ``teacher_outputs.storage`` says, renormalised after fp16 or top-k), ``"value"`` (plain
+    #: numbers, stored exactly in fp32) or ``"value_fp16"`` (plain numbers the task allows to be
+    #: rounded to fp16 when the storage is fp16 or topk). Every declared key must be returned;
+    #: other keys (e.g. integer tokens) are stored as they are.
+    soft_target_kinds: ClassVar[dict[str, str]] = {"probs": "distribution"}
+    #: the task's soft targets are tempered: ``temperature`` applies to it and the KD loss
+    #: scales its soft term by tau^2. A task without one (regression) refuses a temperature.
+    uses_temperature: ClassVar[bool] = True
 
     def __init__(self, name: str, params: Params):
         self.name = name
@@ -115,7 +131,8 @@ class Task(ABC):
 
     @abstractmethod
     def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
-        """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2."""
+        """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2 (a task
+        without a temperature returns its own distance, e.g. squared error, and gets tau = 1)."""
 
     @abstractmethod
     def soft_target(self, heads: Sequence[nn.Module], features: Sequence[Tensor], weights: Sequence[float],
@@ -284,6 +301,9 @@ class Teacher:
     #: what each task learned from its training labels (:meth:`Task.state`: class list,
     #: vocabulary); a teacher's outputs line up with a student's only when these match
     task_states: dict[str, Any] = field(default_factory=dict)
+    #: per task, the direction of its score (``"max"`` or ``"min"``, see
+    #: :mod:`distillkit.metric_direction`); a task not listed is ``"max"``
+    score_directions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Eval mode fixes BatchNorm statistics and dropout; no parameter ever gets a gradient.

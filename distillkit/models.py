@@ -13,6 +13,7 @@ from distillkit.config import dump, validate_component
 from distillkit.errors import DistillkitError
 from distillkit.feature_cache import freeze_encoder
 from distillkit.interfaces import InputTransform, Student, Task, Teacher
+from distillkit.metric_direction import direction
 from distillkit.registry import Registries
 
 
@@ -109,4 +110,5 @@ def init_from(model: Student, path: str | Path, where: str) -> None:
 
 def as_teacher(loaded: LoadedModel, name: str, scores: Mapping[str, float] | None = None) -> Teacher:
     return Teacher(name=name, model=loaded.model, tasks=frozenset(loaded.tasks), scores=dict(scores or {}),
-                   checksum=loaded.checksum, task_states={n: t.state() for n, t in loaded.tasks.items()})
+                   checksum=loaded.checksum, task_states={n: t.state() for n, t in loaded.tasks.items()},
+                   score_directions={n: direction(t, t.primary_metric) for n, t in loaded.tasks.items()})

@@ -8,7 +8,7 @@ name names both plugins.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from distillkit.errors import DistillkitError, did_you_mean
 
@@ -25,9 +25,12 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A named collection of components of one kind (tasks, encoders, ...)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check: Callable[[str, Any, str], None] | None = None):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        #: called as ``check(name, component, plugin)`` before a component is added; raises
+        #: a DistillkitError naming the plugin for a component that declares nonsense
+        self.check = check
 
     def register(self, name: str, component: T, plugin: str = "<unknown>") -> T:
         if name in self._entries:
@@ -36,6 +39,8 @@ class Registry(Generic[T]):
                 f"{self.kind} '{name}' is registered twice: by plugin '{other}' and by plugin '{plugin}'.",
                 hint="Rename one of them or disable one plugin.",
             )
+        if self.check is not None:
+            self.check(name, component, plugin)
         self._entries[name] = Entry(name, component, plugin)
         return component
 
@@ -77,7 +82,11 @@ class Registries:
     """One registry per component kind; built fresh by each plugin manager."""
 
     def __init__(self) -> None:
+        from distillkit.metric_direction import check_task_class
+
         self.by_kind: dict[str, Registry[Any]] = {k: Registry(k) for k in KINDS}
+        # a task's metric directions and soft-target kinds are checked when it registers
+        self.by_kind["task"].check = check_task_class
 
     def __getattr__(self, kind: str) -> Registry[Any]:
         # `registries.task`, `registries.encoder`, ...

@@ -33,6 +33,7 @@ import torch
 from distillkit.data import SplitData, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.io import atomic_write_bytes, atomic_write_text, write_json
+from distillkit.metric_direction import direction
 from distillkit.registry import Registries
 from distillkit.rundir import RunDirectory
 
@@ -127,7 +128,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         shown = ", ".join(f"{t} {shown_metric.get(t)}" for t in by_group)
         add("metric_by_group", "Metrics per group",
             f"Metrics per true '{group_task}' class on the {split} split ({shown}); from the evaluate stage.",
-            plots.group_bars_figure(by_group, shown_metric, group_task))
+            plots.group_bars_figure(by_group, {t: _with_direction(m, registries.task.get(task_kinds[t])
+                                                  if task_kinds.get(t) in registries.task else None)
+                                               for t, m in shown_metric.items()}, group_task))
     logs = {label: records for s in run.stage_names() for label, records in run.log(s).items() if records}
     if logs:
         report.data["learning_curves"] = {label: {"train_loss": [r.get("train_loss") for r in records],
@@ -163,6 +166,11 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
 
     _write(report, run, summary, html_path)
     return report
+
+
+def _with_direction(metric: str, task_cls: Any) -> str:
+    """A metric's name for a chart axis, marked where lower is better (``rmse (lower is better)``)."""
+    return f"{metric} (lower is better)" if direction(task_cls, metric) == "min" else metric
 
 
 SCREENING_KEYS = ("n", "unseen", "accuracy", "balanced_accuracy", "majority_rate", "macro_f1", "macro_auc", "ece")

@@ -22,6 +22,7 @@ from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.feature_cache import FeatureCache, FrozenPrefix, reading_features
 from distillkit.interfaces import Encoder, Params, Student, Task, Teacher
 from distillkit.io import read_json, write_json
+from distillkit.metric_direction import direction, oriented
 from distillkit.models import as_teacher, attach_input_transform, build_student, init_from, load_model, model_meta
 from distillkit.rundir import RunLayout
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
@@ -238,7 +239,8 @@ def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[s
     """fit()'s teacher arguments. When the student reads cached frozen features (``splits``
     are its views), a teacher with the same frozen part reads them too (it joins ``readers``);
     any other teacher reads the raw inputs of the same rows."""
-    tau = params.temperature_for(list(tasks))
+    # a task without a temperature (regression) distills at tau = 1: no tempering, no tau^2
+    tau = {t: (v if tasks[t].uses_temperature else 1.0) for t, v in params.temperature_for(list(tasks)).items()}
     policy = ctx.registries.aggregation.get(params.aggregation.kind)(params.aggregation)
     routes = route_teachers(list(tasks), teachers, policy, where=f"stages.{stage}.teachers")
     use_labels = params.data == "labeled"
@@ -443,6 +445,29 @@ class DistillParams(Params):
         return {t: self.temperature for t in tasks}
 
 
+def temperature_problems(stage: str, params: Any, own_tasks: Sequence[str],
+                         task_kinds: Mapping[str, tuple[str, type]]) -> list[str]:
+    """Plan errors for a temperature given to a task that has none (``Task.uses_temperature``).
+
+    ``task_kinds``: task name -> (kind, task class). A per-task temperature must name a task
+    with a temperature; a single temperature applies to the stage's tasks that have one, and
+    is an error only where none has (1.0, the default, changes nothing and is accepted).
+    """
+    temperature = getattr(params, "temperature", None)
+    untempered = {t: task_kinds[t][0] for t in own_tasks if t in task_kinds and not task_kinds[t][1].uses_temperature}
+    if not untempered:
+        return []
+    explain = "its soft target is the teachers' plain prediction, not a tempered distribution"
+    if isinstance(temperature, Mapping):
+        return [f"stages.{stage}.temperature.{t}: task '{t}' ({untempered[t]}) has no temperature ({explain}); "
+                f"remove this key." for t in temperature if t in untempered]
+    if temperature not in (None, 1.0) and len(untempered) == len(own_tasks):
+        listed = ", ".join(f"{t} ({k})" for t, k in untempered.items())
+        return [f"stages.{stage}.temperature: {temperature!r} is given, but none of the stage's tasks has a "
+                f"temperature ({listed}: {explain}); remove the key."]
+    return []
+
+
 class DistillStage(Stage):
     """Knowledge distillation from one or more earlier stages' models (the paper's M2 and M3)."""
 
@@ -466,6 +491,8 @@ class DistillStage(Stage):
                 if task not in own:
                     problems.append(f"stages.{self.name}.temperature.{task}: '{task}' is not a task of this stage."
                                     f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
+        task_kinds = {t: (plan.config.tasks[t].kind, plan.task_class(t)) for t in own if t in plan.tasks}
+        problems += temperature_problems(self.name, p, own, task_kinds)
         # Routing: each task of the stage needs a teacher that learned it. External teachers'
         # tasks are known only once they are loaded (checked then).
         if p.extra_teachers:
@@ -511,8 +538,9 @@ class DistillStage(Stage):
                              teachers: list[Teacher]) -> tuple[DistillParams, dict[str, Any]]:
         """``temperature: auto``: for each auto task in turn, distill once per candidate tau (the
         tasks chosen so far fixed, the later auto tasks at 1) and keep the tau with the best
-        validation score of that task's primary metric. The test split is never read."""
-        auto = self.params.auto_tasks(task_names)
+        validation score of that task's primary metric (in the metric's direction: the lowest
+        error, the highest accuracy). The test split is never read."""
+        auto = [t for t in self.params.auto_tasks(task_names) if ctx.tasks[t].uses_temperature]
         if not auto:
             return self.params, {}
         chosen = {t: (1.0 if v == "auto" else float(v)) for t, v in self.params.temperature_for(task_names).items()}
@@ -526,8 +554,9 @@ class DistillStage(Stage):
                 record, _ = _train_one(ctx, self.name, self.name, task_names, trial, folder, self.params.init,
                                        teachers=teachers)
                 scores[task][f"{tau:g}"] = record.scores[task]  # the validation split's primary metric
+            way = direction(ctx.tasks[task], ctx.tasks[task].primary_metric)  # e.g. "min" for an error
             best = max(self.params.temperature_grid,
-                       key=lambda tau: (_finite(scores[task][f"{tau:g}"]), -abs(math.log(tau))))
+                       key=lambda tau: (_finite(oriented(scores[task][f"{tau:g}"], way)), -abs(math.log(tau))))
             chosen[task] = float(best)
         final = self.params.model_copy(update={"temperature": dict(chosen)})
         return final, {"chosen": {t: chosen[t] for t in auto}, "grid": list(self.params.temperature_grid),

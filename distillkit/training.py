@@ -23,6 +23,7 @@ from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
+from distillkit.metric_direction import higher_is_better
 
 Tensor = torch.Tensor
 SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
@@ -192,8 +193,12 @@ def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_
     return out
 
 
-def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
+def score_of(metrics: Mapping[str, Any], metric: str,
+             tasks: Mapping[str, Task] | None = None) -> tuple[float, bool]:
     """(value, higher_is_better) of an early-stopping metric in a validation result.
+
+    The direction is the task's (``Task.metric_directions``: ``rmse`` is lower-is-better);
+    without ``tasks``, a task's metric counts as higher-is-better.
 
     A metric the result does not hold is a user error: read as NaN, a misspelt name would
     silently keep epoch 0 and stop after ``patience`` epochs.
@@ -203,7 +208,8 @@ def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
     else:
         task, _, key = metric.partition(".")
         sub = metrics.get(task)
-        value, higher = (sub.get(key) if isinstance(sub, Mapping) else None), True
+        value = sub.get(key) if isinstance(sub, Mapping) else None
+        higher = higher_is_better((tasks or {}).get(task), key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         known = [name for name, key in (("val_loss", "loss"), ("val_kd", "kd")) if key in metrics]
         known += [f"{t}.{k}" for t, sub in metrics.items() if isinstance(sub, Mapping)
@@ -283,7 +289,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
                                val_soft_targets, tau) if len(val) else {}
         record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
-        if _track_best(state, metric, val_metrics, record, es.min_delta if es else 0.0):
+        if _track_best(state, metric, val_metrics, tasks, record, es.min_delta if es else 0.0):
             state["best_epoch"] = epoch
             state["bad_epochs"] = 0
             save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
@@ -393,12 +399,13 @@ def _epoch_record(epoch: int, losses: Tensor, step_rows: list[int], tasks: Mappi
 
 
 def _track_best(state: dict[str, Any], metric: str | None, val_metrics: Mapping[str, Any],
-                record: dict[str, Any], min_delta: float) -> bool:
+                tasks: Mapping[str, Task], record: dict[str, Any], min_delta: float) -> bool:
     """Whether this epoch is the best so far (then its score becomes ``state["best_score"]``);
-    the monitored value goes into ``record``. Without a metric every epoch is the best."""
+    the monitored value goes into ``record``. Without a metric every epoch is the best; the
+    metric's direction is its task's (``Task.metric_directions``)."""
     if metric is None:
         return True
-    value, higher = score_of(val_metrics, metric)
+    value, higher = score_of(val_metrics, metric, tasks)
     record["monitor"] = {metric: value}
     if not _improved(value, state["best_score"], higher, min_delta):
         return False

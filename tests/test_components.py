@@ -40,6 +40,7 @@ def test_shipped_sweep_validates_every_grid_point(path):
 
 TASK_LABELS = {
     "classification": (["a", "b", "a", None], ["b", "a", "a", "b"]),
+    "regression": (["1.5", "2.0", None, "4.0"], ["2.5", "-1.0", "3.0", None]),
     "caption": (["dot blot haemorrhage", "optic disc cupping", None, "dot haemorrhage"],
                 ["optic disc haemorrhage", "dot blot", "cupping", "disc"]),
 }
@@ -71,7 +72,10 @@ def test_task_forward_losses_and_self_distillation(name):
     metrics = task.metrics()
     metrics.update(task.predict(head, features), target)
     result = metrics.compute()
-    assert 0.0 <= result[task.primary_metric] <= 1.0
+    if task.metric_directions.get(task.primary_metric, "max") == "max":
+        assert 0.0 <= result[task.primary_metric] <= 1.0
+    else:  # an error (RMSE): finite, and above 0 for a random head
+        assert 0.0 < result[task.primary_metric] < float("inf")
 
 
 def _encoder_input(name: str) -> torch.Tensor:

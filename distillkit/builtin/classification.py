@@ -49,6 +49,8 @@ class ClassificationTask(Task):
 
     Params = ClassificationParams
     primary_metric = "accuracy"
+    # the rest of the metrics (accuracy, top-k, balanced accuracy, F1, AUC, ...) are "max"
+    metric_directions = {"ece": "min", "unseen": "min"}
 
     def __init__(self, name: str, params: ClassificationParams):
         super().__init__(name, params)

@@ -84,23 +84,42 @@ class MeanPolicy(AggregationPolicy):
 
 class ValScoreParams(Params):
     kind: str = "val_score"
-    #: weights proportional to score ** power (score: the teacher's validation primary metric)
+    #: weights proportional to score ** power (score: the teacher's validation primary metric;
+    #: for a lower-is-better metric such as RMSE, (1 / score) ** power)
     power: float = Field(1.0, ge=0)
-    #: floor so that a teacher with score 0 keeps a little weight
+    #: floor so that a teacher with score 0 keeps a little weight (for a lower-is-better
+    #: metric: the smallest error counted, so a perfect teacher's weight stays finite)
     floor: float = Field(1e-3, ge=0)
 
 
 class ValScorePolicy(AggregationPolicy):
-    """Weights each teacher by its validation score on the task (better teachers count more)."""
+    """Weights each teacher by its validation score on the task (better teachers count more).
+
+    The score's direction comes from the teacher (``Teacher.score_directions``): a higher
+    accuracy or a lower RMSE gives more weight. A teacher without a score gets the floor
+    (higher is better) or no weight (lower is better); teachers that all lack one share equally.
+    """
 
     Params = ValScoreParams
 
     def weights(self, task: str, teachers: Sequence[Teacher]) -> list[float]:
+        floor, power = self.params.floor, self.params.power
         raw = []
         for t in teachers:
             s = t.scores.get(task, math.nan)
-            s = 0.0 if s is None or math.isnan(s) else max(float(s), 0.0)
-            raw.append(max(s, self.params.floor) ** self.params.power)
+            known = s is not None and math.isfinite(float(s))
+            if t.score_directions.get(task, "max") == "min":
+                # an error: weight (1 / error) ** power; without a score, no weight (set below if all lack one)
+                error = max(float(s), floor) if known else math.inf
+                raw.append(0.0 if math.isinf(error) else
+                           1.0 if power == 0 else math.inf if error <= 0 else (1.0 / error) ** power)
+            else:
+                s = max(float(s), 0.0) if known else 0.0
+                raw.append(max(s, floor) ** power)
+        if any(math.isinf(w) for w in raw):  # a perfect teacher (error 0, no floor) takes all the weight
+            raw = [1.0 if math.isinf(w) else 0.0 for w in raw]
+        if sum(raw) <= 0:
+            raw = [1.0] * len(raw)
         total = sum(raw)
         return [w / total for w in raw]
 

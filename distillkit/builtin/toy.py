@@ -3,6 +3,8 @@
 Points in ``dim`` dimensions around ``classes`` random centres. Task ``cluster``: which
 centre a point came from (overlapping clusters, so it is not trivial). Task ``quadrant``:
 the signs of the first two coordinates (4 classes), which shares structure with ``cluster``.
+
+``toy_regression``: the same idea for a real-valued target (the regression worked example).
 """
 
 from __future__ import annotations
@@ -82,3 +84,46 @@ class ToyBlobs(DatasetSource):
                                       where=str(path))
             rows.append(values)
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.params.dim)
+
+class ToyRegressionParams(Params):
+    kind: str = "toy_regression"
+    num_labeled: int = Field(600, ge=10)
+    num_unlabeled: int = Field(300, ge=0)
+    dim: int = Field(8, ge=3)
+    #: standard deviation of the noise on the target, before ``scale`` (larger = harder)
+    noise: float = Field(0.3, ge=0)
+    #: the target is ``offset + scale * (signal + noise)``: e.g. prices around 97,000,000
+    scale: float = Field(1.0, gt=0)
+    offset: float = 0.0
+    seed: int = 0
+
+
+class ToyRegression(DatasetSource):
+    """Points in ``dim`` dimensions with a real-valued target ``price`` and its tercile ``band``.
+
+    ``price`` is a linear function of the point plus an interaction of its first two
+    coordinates (so a hidden layer helps), plus noise, scaled and offset; ``band`` (``low``,
+    ``mid``, ``high``) is the tercile of the noise-free signal, a classification task beside the
+    regression. Labels are written as text (``repr`` of the float), as a CSV would hold them.
+    """
+
+    Params = ToyRegressionParams
+
+    def load(self) -> Dataset:
+        p = self.params
+        rng = np.random.default_rng(p.seed)
+        n = p.num_labeled + p.num_unlabeled
+        x = rng.normal(0.0, 1.0, size=(n, p.dim))
+        w = rng.normal(0.0, 1.0, size=p.dim)
+        signal = x @ w / np.sqrt(p.dim) + 0.8 * x[:, 0] * x[:, 1]
+        price = p.offset + p.scale * (signal + rng.normal(0.0, p.noise, size=n))
+        cuts = np.quantile(signal, [1 / 3, 2 / 3])
+        band = np.array(["low", "mid", "high"])[np.searchsorted(cuts, signal)]
+        pool = np.arange(n) >= p.num_labeled
+        labels = {
+            "price": [None if pool[i] else repr(float(price[i])) for i in range(n)],
+            "band": [None if pool[i] else str(band[i]) for i in range(n)],
+        }
+        groups = [f"g{i // 2}" for i in range(n)]
+        return Dataset(inputs=torch.from_numpy(x.astype(np.float32)), labels=labels, groups=groups,
+                       ids=[f"toy_regression/{i}" for i in range(n)], pool=pool, source="toy_regression")
