@@ -105,6 +105,20 @@ class ClassificationTask(Task):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def topk(self) -> tuple[int, ...]:
+        return tuple(self.params.topk)
+
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        # Balanced accuracy, the majority-class rate and macro AUC beside accuracy, so an
+        # accuracy that merely equals the majority rate shows at a glance.
+        return [("accuracy", "accuracy"), ("balanced_accuracy", "bal. acc"), ("majority_rate", "majority"),
+                ("macro_auc", "AUC")] + [(f"top{k}", f"top-{k}") for k in self.topk if k > 1]
+
     # model --------------------------------------------------------------------------------
     def build_head(self, in_features: int) -> nn.Module:
         if not self.classes:

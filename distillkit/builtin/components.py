@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Task, Teacher
+from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Teacher
 
 
 class MLPParams(EncoderParams):
@@ -61,11 +61,6 @@ class MultiTaskStudent(Student):
 
     Params = MultiTaskParams
     nested = {"encoder": "encoder"}
-
-    @classmethod
-    def build(cls, params: MultiTaskParams, tasks: Mapping[str, Task], registries: Any) -> "MultiTaskStudent":
-        encoder_cls = registries.encoder.get(params.encoder.kind)
-        return cls(encoder_cls(params.encoder), tasks)
 
 
 class MeanParams(Params):

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import MetricAccumulator, Params, Task
-from distillkit.losses import kl_rows, tempered_probs
+from distillkit import DistillkitError, MetricAccumulator, Params, Task, kl_rows, tempered_probs
 from eye_fundus.bleu import EOS_TOKEN, PAD_TOKEN, SOS_TOKEN, UNK_TOKEN, corpus_bleu, sentence_bleu_average, strip_special
 
 Tensor = torch.Tensor

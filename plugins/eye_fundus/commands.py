@@ -39,9 +39,7 @@ def predict_command(checkpoint: Path, images: tuple[Path, ...], as_json: bool, i
     """
     import json
 
-    from distillkit.models import load_model
-    from distillkit.plugins import get_plugin_manager
-    from distillkit.runner import resolve_device
+    from distillkit import get_plugin_manager, load_model, resolve_device
     from eye_fundus.predict import collect_images, decode_images, format_prediction, image_size_for, predict_images
 
     loaded = load_model(checkpoint, get_plugin_manager().registries, resolve_device(device))
@@ -78,11 +76,7 @@ def eval_manifest_command(model: Path, manifest: Path, image_size: int | None, o
     The shortcut for `distillkit eval RUN_OR_CHECKPOINT --data data.yaml --split all` with a
     data.yaml holding `data: {kind: manifest, path: MANIFEST, image_size: N}`.
     """
-    from distillkit.cli.eval_cmd import run_eval
-    from distillkit.config import apply_overrides
-    from distillkit.data_spec import DataSpec
-    from distillkit.plugins import get_plugin_manager
-    from distillkit.rundir import RunDirectory, find_run_dir
+    from distillkit import DataSpec, RunDirectory, apply_overrides, find_run_dir, get_plugin_manager, run_eval
     from eye_fundus.predict import DEFAULT_IMAGE_SIZE
 
     if image_size is None:

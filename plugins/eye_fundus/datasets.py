@@ -19,10 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from distillkit.data import DataContext, Dataset, DatasetSource
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import Params
-from distillkit.io import read_json, write_json
+from distillkit import DataContext, Dataset, DatasetSource, DistillkitError, Params, read_json, write_json
 
 from eye_fundus.image_store import load_image_store, open_npy, save_npy
 from eye_fundus.manifest import DEFAULT_FIELDS, ManifestColumns, read_manifest

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from distillkit.errors import DistillkitError
+from distillkit import DistillkitError
 
 #: the side of the synthetic data and of every shipped CPU config
 DEFAULT_IMAGE_SIZE = 64
@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".we
 
 def image_size_for(checkpoint: Path, meta: dict[str, Any]) -> tuple[int, str]:
     """The image side the model behind ``checkpoint`` was trained on, and where it came from."""
-    from distillkit.rundir import find_run_dir
+    from distillkit import find_run_dir
 
     shape = (meta.get("inputs") or {}).get("shape") or []
     size = shape[-1] if len(shape) == 3 else None  # (channels, height, width) of the training images
@@ -78,7 +78,7 @@ def decode_images(paths: Sequence[Path], image_size: int) -> torch.Tensor:
 def top_k_for(task: Any, top_k: int | None) -> int:
     if top_k is not None:
         return top_k
-    return max([1, *(getattr(task.params, "topk", None) or [])])
+    return max([1, *task.topk])
 
 
 @torch.no_grad()
@@ -97,16 +97,15 @@ def predict_images(model: Any, tasks: dict[str, Any], images: torch.Tensor, top_
                 prediction = per_task[name]
                 if "probs" in prediction:
                     probs = prediction["probs"][row].float().cpu()
-                    classes = list(getattr(task, "classes", [str(i) for i in range(len(probs))]))
+                    classes = task.class_names or [str(i) for i in range(len(probs))]
                     k = min(top_k_for(task, top_k), len(probs))
                     values, indices = probs.topk(k)
                     result[name] = {"kind": "classes",
                                     "top": [{"label": classes[i], "probability": float(p)}
                                             for p, i in zip(values.tolist(), indices.tolist())],
                                     "probabilities": {c: float(p) for c, p in zip(classes, probs.tolist())}}
-                elif "tokens" in prediction and hasattr(task, "decode_text"):
-                    tokens = prediction["tokens"][row:row + 1].cpu()
-                    result[name] = {"kind": "text", "text": task.decode_text(tokens)[0]}
+                elif "tokens" in prediction and (text := task.decode_text(prediction["tokens"][row:row + 1].cpu())):
+                    result[name] = {"kind": "text", "text": text[0]}
                 else:
                     result[name] = {"kind": "other",
                                     "outputs": {k: list(v[row].shape) for k, v in prediction.items()}}
