@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 Tensor = torch.Tensor
@@ -186,7 +186,7 @@ class Task(ABC):
 class FreezeUntil(Params):
     """Freeze the encoder's blocks up to and including ``until`` (a name from :meth:`Encoder.blocks`)."""
 
-    until: str
+    until: str = Field(description="the last frozen block (a name from the encoder's blocks)")
 
 
 class EncoderParams(Params):

@@ -28,7 +28,7 @@ class ClassificationParams(Params):
     weight: float = Field(1.0, ge=0)
     #: hidden width of the dense-ReLU-dense head; 0 gives a single linear layer
     hidden: int = Field(256, ge=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability in the head, before its last layer")
     #: top-k accuracies to report (1 is always reported as "accuracy")
     topk: list[int] = Field(default_factory=lambda: [1])
     #: classes seen fewer times than this in training are folded into "other" (0 keeps all)

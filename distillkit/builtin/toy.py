@@ -17,15 +17,15 @@ from distillkit.interfaces import Params
 
 class ToyBlobsParams(Params):
     kind: str = "toy_blobs"
-    num_labeled: int = Field(600, ge=10)
-    num_unlabeled: int = Field(600, ge=0)
-    dim: int = Field(8, ge=2)
-    classes: int = Field(4, ge=2)
+    num_labeled: int = Field(600, ge=10, description="labeled points")
+    num_unlabeled: int = Field(600, ge=0, description="points of the unlabeled pool (no labels)")
+    dim: int = Field(8, ge=2, description="dimensions of every point (the encoder's in_features)")
+    classes: int = Field(4, ge=2, description="number of clusters (classes of 'cluster')")
     #: standard deviation of the points around their centre (larger = harder)
     noise: float = Field(1.0, gt=0)
     #: fraction of labeled rows whose 'quadrant' label is missing
     missing: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, description="seed of the generator")
 
 
 class ToyBlobs(DatasetSource):

@@ -58,10 +58,10 @@ class SyntheticFundusParams(Params):
     num_patients: int = Field(600, ge=1)
     #: images in the unlabeled pool (from patients of their own)
     num_unlabeled: int = Field(600, ge=0)
-    image_size: int = Field(64, ge=16)
+    image_size: int = Field(64, ge=16, description="side of the square generated images, in pixels")
     #: size of the fine sub-category catalogue (T2 classes)
     num_fine_classes: int = Field(60, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the generator")
 
 
 class SyntheticFundusSource(DatasetSource):
@@ -149,7 +149,9 @@ class ManifestParams(Params):
     path: Path
     #: side of the square images the photographs are resized (and black-padded) to
     image_size: int = Field(224, ge=16)
-    image_column: str = "image"
+    image_column: str = Field("image",
+                              description="the CSV column holding each image's path (relative to the manifest's "
+                                          "folder)")
     #: ``null``: no patient column, every image is its own group
     patient_column: str | None = "patient_id"
     #: dataset label field -> CSV column; the defaults match fundus-mix
