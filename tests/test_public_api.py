@@ -206,3 +206,11 @@ def test_no_contract_is_read_through_getattr():
                     and node.args[1].value in contracts):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
     assert found == []
+
+
+def test_docs_list_every_export():
+    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    section = text[text.index("## Public API"):]
+    section = section[:section.index("\n## ")]
+    missing = [name for name in distillkit._EXPORTS if f"`{name}`" not in section]
+    assert missing == [], f"docs/plugins.md, section Public API, does not list {missing}"
