@@ -46,8 +46,8 @@ ANCHORS = {kind: anchor for kind, anchor, _, _ in FAMILIES}
 #: the top-level scalars: (key, type, default)
 TOP_LEVEL_SCALARS = [
     ("name", "str", "the config file's name"),
-    ("seed", "int", "0"),
-    ("device", "str", "auto"),
+    ("seed", "int", "`0`"),
+    ("device", "str", "`auto`"),
     ("cache_dir", "str \\| null", "$DISTILLKIT_CACHE, else ~/.cache/distillkit"),
 ]
 
