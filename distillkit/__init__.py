@@ -1,7 +1,9 @@
 """distillkit: modular, plugin-based knowledge distillation.
 
-The public API for plugins and users is exported here; it is imported lazily so that
-``import distillkit`` (and ``distillkit --help``) stays fast and does not load torch.
+The public API for plugins and users is exported here (``from distillkit import Task``); the
+modules behind it are internal and may change. It is imported lazily so that ``import
+distillkit`` (and ``distillkit --help``) stays fast and does not load torch. docs/plugins.md,
+"Public API", lists the names.
 """
 
 from __future__ import annotations
