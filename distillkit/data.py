@@ -118,11 +118,12 @@ class DatasetSource(ABC):
 class SplitParams(Params):
     """Patient-level split of the labeled items; the rest forms the unlabeled pool."""
 
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1,
+                       description="fraction of the labeled groups (patients) in the validation split")
+    test: float = Field(0.15, gt=0, lt=1, description="fraction of the labeled groups (patients) in the test split")
     #: p: the fraction of the labeled data used for training (the paper's 0.15 ... 0.70)
     train_fraction: float = Field(0.70, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random split (the same seed gives the same patients in each split)")
     #: labeled items left out of training (when p < 1 - val - test) join the unlabeled pool, labels dropped
     unused_to_unlabeled: bool = True
 

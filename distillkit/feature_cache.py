@@ -87,7 +87,7 @@ def frozen_encoder_params(student_params: Any, registries: Any) -> dict[str, Enc
     """The student's nested encoders (by field) whose params freeze blocks."""
     student_cls = registries.student.get(student_params.kind)
     found = {}
-    for field, kind in getattr(student_cls, "nested", {}).items():
+    for field, kind in student_cls.nested.items():
         params = getattr(student_params, field, None)
         if kind == "encoder" and isinstance(params, EncoderParams) and params.freeze != "none":
             found[field] = params

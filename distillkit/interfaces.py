@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
@@ -155,11 +155,57 @@ class Task(ABC):
         """One line for plans and tables, e.g. ``classification over 5 classes``."""
         return type(self).__name__
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class list learned by :meth:`fit`: entry ``i`` names column ``i`` of the
+        prediction's ``probs``. ``None`` (the default) for a task without classes (text,
+        regression); per-group evaluation, reports and predictions need a class list."""
+        return None
+
+    @property
+    def topk(self) -> tuple[int, ...]:
+        """The ``k`` of the top-k accuracies the task reports (metric ``top<k>``); predictions
+        show ``max(topk)`` classes. Default ``()``: the task reports no top-k accuracy."""
+        return ()
+
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        """``(metric key, column title)`` of the task's columns in summary tables.
+
+        Default: the primary metric, then ``top<k>`` for every ``k > 1`` of :attr:`topk`."""
+        return [(self.primary_metric, self.primary_metric)] + [(f"top{k}", f"top-{k}") for k in self.topk if k > 1]
+
+    def decode_text(self, tokens: Tensor | Sequence[Sequence[int]]) -> list[str] | None:
+        """Token rows (a prediction's ``tokens``) -> one string per row, for a task that
+        generates text. Default ``None``: the task produces no text."""
+        return None
+
+    def gradcam_score(self, head: nn.Module, features: Tensor, target_index: Any = None) -> Tensor:
+        """One differentiable score per row, ``(B,)``, that Grad-CAM explains
+        (:func:`distillkit.gradcam.gradcam`).
+
+        Default: when the prediction holds ``probs``, the logit of ``target_index`` (one
+        class for all rows or one per row; ``None``: the predicted class); otherwise the
+        log-likelihood of the model's own prediction, teacher-forced, i.e. minus
+        :meth:`hard_loss` with the prediction as the label."""
+        with torch.no_grad():
+            prediction = self.predict(head, features.detach())
+        if "probs" in prediction:
+            logits = self.forward(head, features)
+            if target_index is None:
+                index = prediction["probs"].argmax(-1)
+            else:
+                index = torch.as_tensor(target_index, device=logits.device).long().expand(logits.shape[0])
+            return logits.gather(-1, index[:, None])[:, 0]
+        target = dict(prediction)
+        target["present"] = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        logits = self.forward(head, features, target, train=False)
+        return -self.hard_loss(logits, target)
+
 
 class FreezeUntil(Params):
     """Freeze the encoder's blocks up to and including ``until`` (a name from :meth:`Encoder.blocks`)."""
 
-    until: str
+    until: str = Field(description="the last frozen block (a name from the encoder's blocks)")
 
 
 class EncoderParams(Params):
@@ -270,12 +316,24 @@ class Student(nn.Module):
     """A shared encoder with one head per task, for any subset of tasks."""
 
     Params: ClassVar[type[Params]]
+    #: fields of :attr:`Params` that hold nested components -> their registry kind; the
+    #: config validates each with that kind's own Params (e.g. ``{"encoder": "encoder"}``)
+    nested: ClassVar[dict[str, str]] = {}
 
     def __init__(self, encoder: Encoder, tasks: Mapping[str, Task]):
         super().__init__()
         self.encoder = encoder
         self.task_names = tuple(tasks)
         self.heads = nn.ModuleDict({name: task.build_head(encoder.out_features) for name, task in tasks.items()})
+
+    @classmethod
+    def build(cls, params: Params, tasks: Mapping[str, Task], registries: Any) -> "Student":
+        """A student of this class for ``tasks`` (fitted) from its validated ``params``.
+
+        Default: the encoder that ``params.encoder`` names (a nested component, see
+        :attr:`nested`) and one head per task. Override it for another architecture."""
+        encoder_params = params.encoder  # type: ignore[attr-defined]
+        return cls(registries.encoder.get(encoder_params.kind)(encoder_params), tasks)
 
     def features(self, inputs: Tensor) -> Tensor:
         """Encoder output for raw inputs, or for cached frozen features while ``reads_features``."""

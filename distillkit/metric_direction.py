@@ -33,6 +33,8 @@ def direction(task: Any, metric: str) -> str:
 
 
 def higher_is_better(task: Any, metric: str) -> bool:
+    """Whether a larger ``metric`` of ``task`` is better (public API: a plugin's aggregation
+    policy or stage ranks with it); ``val_loss``/``val_kd`` and ``min`` metrics are not."""
     return direction(task, metric) == "max"
 
 

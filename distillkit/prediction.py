@@ -70,7 +70,7 @@ def collect_files(paths: Sequence[Path], suffixes: Sequence[str] = ()) -> list[P
 def top_k_for(task: Any, top_k: int | None) -> int:
     if top_k is not None:
         return top_k
-    return max([1, *(getattr(task.params, "topk", None) or [])])
+    return max([1, *task.topk])
 
 
 @torch.no_grad()
@@ -89,16 +89,15 @@ def predict_rows(model: Any, tasks: Mapping[str, Any], inputs: torch.Tensor, top
                 prediction = per_task[name]
                 if "probs" in prediction:
                     probs = prediction["probs"][row].float().cpu()
-                    classes = list(getattr(task, "classes", [str(i) for i in range(len(probs))]))
+                    classes = task.class_names or [str(i) for i in range(len(probs))]
                     k = min(top_k_for(task, top_k), len(probs))
                     values, indices = probs.topk(k)
                     result[name] = {"kind": "classes",
                                     "top": [{"label": classes[i], "probability": float(p)}
                                             for p, i in zip(values.tolist(), indices.tolist())],
                                     "probabilities": {c: float(p) for c, p in zip(classes, probs.tolist())}}
-                elif "tokens" in prediction and hasattr(task, "decode_text"):
-                    tokens = prediction["tokens"][row:row + 1].cpu()
-                    result[name] = {"kind": "text", "text": task.decode_text(tokens)[0]}
+                elif "tokens" in prediction and (text := task.decode_text(prediction["tokens"][row:row + 1].cpu())):
+                    result[name] = {"kind": "text", "text": text[0]}
                 else:
                     result[name] = {"kind": "other",
                                     "outputs": {k: list(v[row].shape) for k, v in prediction.items()}}

@@ -15,7 +15,7 @@ folder. Sections:
   These two re-run the models on the run's data, re-created from its ``config.yaml``.
 
 Nothing here knows a domain: a task is "classes" when its prediction holds ``probs`` and
-"text" when it can ``decode_text``; Grad-CAM is drawn when the inputs are images.
+"text" when its ``decode_text`` gives text; Grad-CAM is drawn when the inputs are images.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
     group_task = params.get("group_by")
     evaluated: dict[str, Any] = run.metrics().get(stage, {}).get(split, {}) if stage else {}
     task_kinds = {name: spec.get("kind") for name, spec in (run.config.get("tasks") or {}).items()}
-    primary = {name: getattr(registries.task.get(kind), "primary_metric", "accuracy") if kind in registries.task
+    primary = {name: registries.task.get(kind).primary_metric if kind in registries.task
                else "accuracy" for name, kind in task_kinds.items()}
     for task in group_metrics or {}:
         if task not in task_kinds:
@@ -320,7 +320,7 @@ def _topk_by_group(probs: torch.Tensor, rows: SplitData, task: str, tasks: Mappi
     groups = {"all": present}
     if group_task and group_task in tasks and group_task in rows.targets:
         g = rows.targets[group_task]
-        for i, name in enumerate(tasks[group_task].classes):
+        for i, name in enumerate(tasks[group_task].class_names or []):
             groups[name] = present & g["present"] & (g["y"] == i)
     return {name: hits[mask].mean(0).tolist() for name, mask in groups.items() if bool(mask.any())}
 
@@ -332,7 +332,7 @@ def _pick_rows(rows: SplitData, tasks: Mapping[str, Any], group_task: str | None
     if group_task and group_task in rows.targets:
         g = rows.targets[group_task]
         candidates = [torch.nonzero(g["present"] & (g["y"] == i)).flatten().tolist()
-                      for i in range(len(tasks[group_task].classes))]
+                      for i in range(len(tasks[group_task].class_names or []))]
     else:
         candidates = [list(range(len(rows)))]
         per_class *= 4
@@ -357,14 +357,14 @@ def _explain(model, tasks: Sequence[str], images: torch.Tensor) -> dict[str, dic
         entry: dict[str, Any] = {"cam": gradcam(model.model, task, images).cpu().numpy()}
         if "probs" in prediction:
             probs = prediction["probs"].float().cpu()
-            classes = list(getattr(task, "classes", range(probs.shape[1])))
+            classes = task.class_names or [str(i) for i in range(probs.shape[1])]
             top = probs.topk(min(5, probs.shape[1]), dim=1)
             entry["top"] = [[str(classes[i]) for i in row] for row in top.indices.tolist()]
             entry["text"] = [f"{classes[i]} ({p:.2f})" for p, i in zip(top.values[:, 0].tolist(),
                                                                          top.indices[:, 0].tolist())]
-        elif "tokens" in prediction and hasattr(task, "decode_text"):
-            entry["words"] = task.decode_text(prediction["tokens"].cpu())
-            entry["text"] = [w or "(empty)" for w in entry["words"]]
+        elif "tokens" in prediction and (words := task.decode_text(prediction["tokens"].cpu())) is not None:
+            entry["words"] = words
+            entry["text"] = [w or "(empty)" for w in words]
         else:
             entry["text"] = ["?"] * len(images)
         out[t] = entry

@@ -307,8 +307,8 @@ class TrainParams(Params):
     tasks: Optional[list[str]] = None
     #: start from the weights of this earlier stage's model
     init: Optional[str] = None
-    loss: Any = Field(default_factory=_default_loss)
-    training: Any = None
+    loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
+    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
 
 
 class TrainStage(Stage):
@@ -336,12 +336,14 @@ class TrainStage(Stage):
 
 class EnsembleParams(Params):
     kind: str = "ensemble"
-    tasks: Optional[list[str]] = None
+    tasks: Optional[list[str]] = Field(None,
+                                       description="the tasks whose subsets get a teacher (default: every task of the "
+                                                   "run)")
     #: ``all``: every non-empty subset of the tasks (2^n - 1 models); ``proper``: all but the
     #: full set (when the full-task model is trained by another stage); or an explicit list
     subsets: Union[Literal["all", "proper"], list[list[str]]] = "all"
-    loss: Any = Field(default_factory=_default_loss)
-    training: Any = None
+    loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
+    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
 
 
 class EnsembleStage(Stage):
@@ -397,8 +399,8 @@ class EnsembleStage(Stage):
 
 class DistillParams(Params):
     kind: str = "distill"
-    tasks: Optional[list[str]] = None
-    init: Optional[str] = None
+    tasks: Optional[list[str]] = Field(None, description="tasks the student learns (default: every task of the run)")
+    init: Optional[str] = Field(None, description="start from the weights of this earlier stage's model")
     #: stages whose models teach (a train stage gives one teacher, an ensemble several)
     teachers: list[str] = Field(default_factory=list)
     #: teachers from outside the run, e.g. ``{kind: checkpoint, path: teacher.safetensors}``
@@ -412,11 +414,15 @@ class DistillParams(Params):
     #: or per task) chooses it from ``temperature_grid`` on the validation split, greedily one
     #: task at a time in the stage's task order
     temperature: Union[float, Literal["auto"], dict[str, Union[float, Literal["auto"]]]] = 1.0
-    temperature_grid: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 10.0], min_length=1)
-    aggregation: Any = Field(default_factory=lambda: {"kind": "mean"})
-    teacher_outputs: TeacherOutputParams = TeacherOutputParams()
-    loss: Any = Field(default_factory=_default_loss)
-    training: Any = None
+    temperature_grid: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 10.0], min_length=1,
+                                          description="the temperatures that temperature: auto chooses from")
+    aggregation: Any = Field(default_factory=lambda: {"kind": "mean"},
+                             description="how the teachers that learned a task are weighted for that task")
+    teacher_outputs: TeacherOutputParams = Field(TeacherOutputParams(),
+                                                 description="where the teachers' outputs come from: a cache computed "
+                                                             "once, or online")
+    loss: Any = Field(default_factory=_default_loss, description="the distillation objective (kind: kd)")
+    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
 
     @field_validator("temperature")
     @classmethod
@@ -567,11 +573,11 @@ class EvaluateParams(Params):
     kind: str = "evaluate"
     #: stages whose models are compared (rows of the table)
     models: list[str] = Field(min_length=1)
-    split: Literal["val", "test"] = "test"
+    split: Literal["val", "test"] = Field("test", description="the split the models are compared on")
     #: also report every metric per group of rows: per true class of a classification task (e.g.
     #: per broad disease), per value of a dataset field, or per group id (``group``)
     group_by: Optional[str] = None
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per evaluation batch")
 
 
 class EvaluateStage(Stage):

@@ -45,9 +45,11 @@ class TeacherOutputParams(Params):
     #: ``cache``: compute once per image and view, store, read every epoch; ``online``: run the
     #: teachers on every batch (needed with random augmentation)
     mode: Literal["cache", "online"] = "cache"
-    storage: Literal["fp32", "fp16", "topk"] = "fp16"
-    topk: int = Field(16, ge=1)
-    shard_size: int = Field(4096, ge=1)
+    storage: Literal["fp32", "fp16", "topk"] = Field("fp16",
+                                                     description="how cached teacher outputs are stored: fp32, fp16, "
+                                                                 "or topk (the k largest probabilities per row)")
+    topk: int = Field(16, ge=1, description="k of topk storage")
+    shard_size: int = Field(4096, ge=1, description="rows per file of the teacher-output cache")
 
 
 @dataclass

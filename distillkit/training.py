@@ -30,10 +30,12 @@ SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
 
 
 class OptimizerParams(Params):
-    kind: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    kind: Literal["sgd", "adam", "adamw"] = Field("sgd",
+                                                  description="the optimizer: SGD (the paper, with Nesterov momentum), "
+                                                              "Adam or AdamW")
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam and AdamW)")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD")
     #: L2 regularisation (the paper: 1e-6)
     weight_decay: float = Field(1e-6, ge=0)
 
@@ -41,8 +43,9 @@ class OptimizerParams(Params):
 class EarlyStoppingParams(Params):
     #: ``val_loss`` (labels), ``val_kd`` (KL to the teachers on val, no labels), or ``<task>.<metric>``
     metric: str = "val_loss"
-    patience: int = Field(5, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=1,
+                          description="epochs without an improvement of at least min_delta before training stops")
+    min_delta: float = Field(0.0, ge=0, description="the smallest change of the metric that counts as an improvement")
 
 
 SAMPLER_KINDS = ("shuffle", "balanced")
@@ -52,7 +55,8 @@ class SamplerParams(Params):
     """How a training epoch draws its rows: ``shuffle`` (each row once, the default) or
     ``balanced`` (rows drawn with replacement so that ``task``'s classes come up equally often)."""
 
-    kind: str = "shuffle"
+    kind: str = Field("shuffle",
+                      description="shuffle (each row once per epoch) or balanced (classes of task equally often)")
     #: the classification task whose classes are balanced (``kind: balanced`` only)
     task: Optional[str] = None
 
@@ -72,17 +76,24 @@ class SamplerParams(Params):
 
 
 class TrainingParams(Params):
-    optimizer: OptimizerParams = OptimizerParams()
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
+    optimizer: OptimizerParams = Field(OptimizerParams(), description="the optimizer and its hyper-parameters")
+    batch_size: int = Field(128, ge=1, description="training rows per step")
+    eval_batch_size: int = Field(256, ge=1,
+                                 description="rows per batch when evaluating and when computing teacher outputs")
     #: maximum number of epochs (early stopping may end sooner)
     epochs: int = Field(30, ge=1)
-    early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
-    scheduler: Literal["none", "cosine"] = "none"
-    grad_clip: Optional[float] = Field(None, gt=0)
+    early_stopping: Optional[EarlyStoppingParams] = Field(EarlyStoppingParams(),
+                                                          description="stop when a validation metric stops improving "
+                                                                      "and keep the best epoch; null trains every "
+                                                                      "epoch")
+    scheduler: Literal["none", "cosine"] = Field("none",
+                                                 description="learning-rate schedule: constant (none) or cosine decay "
+                                                             "to 0 over the epochs")
+    grad_clip: Optional[float] = Field(None, gt=0,
+                                       description="clip the gradient norm to this value; null: no clipping")
     #: bf16 autocast on CUDA (ignored on CPU)
     mixed_precision: bool = True
-    channels_last: bool = False
+    channels_last: bool = Field(False, description="channels_last memory format for image models on a GPU")
     #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
     augment: Any = None
     #: with a frozen encoder part: train on its output computed once per image and stored as

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Task, Teacher
+from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Teacher
 
 
 class MLPParams(EncoderParams):
     kind: str = "mlp"
     #: size of one flattened input row
     in_features: int = Field(8, ge=1)
-    hidden: int = Field(64, ge=1)
-    depth: int = Field(2, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    hidden: int = Field(64, ge=1, description="width of every hidden layer (and of the features)")
+    depth: int = Field(2, ge=1, description="number of Linear-ReLU-Dropout blocks")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability after every block")
 
 
 class MLPEncoder(Encoder):
@@ -61,11 +61,6 @@ class MultiTaskStudent(Student):
 
     Params = MultiTaskParams
     nested = {"encoder": "encoder"}
-
-    @classmethod
-    def build(cls, params: MultiTaskParams, tasks: Mapping[str, Task], registries: Any) -> "MultiTaskStudent":
-        encoder_cls = registries.encoder.get(params.encoder.kind)
-        return cls(encoder_cls(params.encoder), tasks)
 
 
 class MeanParams(Params):
@@ -126,8 +121,8 @@ class ValScorePolicy(AggregationPolicy):
 
 class CheckpointTeacherParams(Params):
     kind: str = "checkpoint"
-    path: str
-    name: str | None = None
+    path: str = Field(description="a distillkit model file (.safetensors); relative to the config's folder")
+    name: str | None = Field(None, description="the teacher's label in logs and tables (default: the file name)")
 
 
 class CheckpointTeacher:

@@ -32,7 +32,7 @@ class RegressionParams(Params):
     weight: float = Field(1.0, ge=0)
     #: hidden width of the dense-ReLU-dense head; 0 gives a single linear layer
     hidden: int = Field(64, ge=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability in the head, before its last layer")
     #: learn the target in units of the training split's standard deviation around its mean
     #: (the losses are in those units; predictions and metrics in the target's own)
     standardize: bool = True

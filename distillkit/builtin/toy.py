@@ -23,15 +23,15 @@ from distillkit.interfaces import Params
 
 class ToyBlobsParams(Params):
     kind: str = "toy_blobs"
-    num_labeled: int = Field(600, ge=10)
-    num_unlabeled: int = Field(600, ge=0)
-    dim: int = Field(8, ge=2)
-    classes: int = Field(4, ge=2)
+    num_labeled: int = Field(600, ge=10, description="labeled points")
+    num_unlabeled: int = Field(600, ge=0, description="points of the unlabeled pool (no labels)")
+    dim: int = Field(8, ge=2, description="dimensions of every point (the encoder's in_features)")
+    classes: int = Field(4, ge=2, description="number of clusters (classes of 'cluster')")
     #: standard deviation of the points around their centre (larger = harder)
     noise: float = Field(1.0, gt=0)
     #: fraction of labeled rows whose 'quadrant' label is missing
     missing: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, description="seed of the generator")
     #: added to every coordinate (raw inputs far from 0, as tabular data often are)
     offset: float = 0.0
     #: standardise the inputs by the training split's mean and standard deviation per
@@ -85,17 +85,19 @@ class ToyBlobs(DatasetSource):
             rows.append(values)
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.params.dim)
 
+
 class ToyRegressionParams(Params):
     kind: str = "toy_regression"
-    num_labeled: int = Field(600, ge=10)
-    num_unlabeled: int = Field(300, ge=0)
-    dim: int = Field(8, ge=3)
+    num_labeled: int = Field(600, ge=10, description="labeled points")
+    num_unlabeled: int = Field(300, ge=0, description="points of the unlabeled pool (no labels)")
+    dim: int = Field(8, ge=3, description="dimensions of every point (the encoder's in_features)")
     #: standard deviation of the noise on the target, before ``scale`` (larger = harder)
     noise: float = Field(0.3, ge=0)
     #: the target is ``offset + scale * (signal + noise)``: e.g. prices around 97,000,000
     scale: float = Field(1.0, gt=0)
+    #: added to the scaled target (see ``scale``)
     offset: float = 0.0
-    seed: int = 0
+    seed: int = Field(0, description="seed of the generator")
 
 
 class ToyRegression(DatasetSource):

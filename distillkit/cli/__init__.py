@@ -45,13 +45,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
     distillkit run CONFIG         run every stage (resumes an interrupted run)
     distillkit sweep SWEEP        run a config over a grid (seeds, p, tau), stages shared
     distillkit plugins            list plugins and their components
+    distillkit config-doc         every config section and key, as Markdown
+    distillkit new-plugin NAME    start a plugin package
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
 
 def _add_builtin_commands() -> None:
-    from distillkit.cli import eval_cmd, plugins_cmd, predict_cmd, report_cmd, run, sweep_cmd, validate
+    from distillkit.cli import (config_doc_cmd, eval_cmd, new_plugin_cmd, plugins_cmd, predict_cmd, report_cmd, run,
+                                sweep_cmd, validate)
 
     cli.add_command(run.run)
     cli.add_command(validate.validate)
@@ -60,6 +63,8 @@ def _add_builtin_commands() -> None:
     cli.add_command(predict_cmd.predict_command)
     cli.add_command(report_cmd.report)
     cli.add_command(sweep_cmd.sweep)
+    cli.add_command(config_doc_cmd.config_doc)
+    cli.add_command(new_plugin_cmd.new_plugin)
 
 
 def _add_plugin_commands() -> None:

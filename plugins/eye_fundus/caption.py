@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import MetricAccumulator, Params, Task
-from distillkit.losses import kl_rows, tempered_probs
+from distillkit import DistillkitError, MetricAccumulator, Params, Task, kl_rows, tempered_probs
 from eye_fundus.bleu import EOS_TOKEN, PAD_TOKEN, SOS_TOKEN, UNK_TOKEN, corpus_bleu, sentence_bleu_average, strip_special
 
 Tensor = torch.Tensor
@@ -57,12 +55,13 @@ class CaptionParams(Params):
     reduction: Literal["sum", "mean"] = "mean"
     #: words per caption; longer captions are truncated (the paper: 14)
     max_length: int = Field(14, ge=1)
-    embedding_dim: int = Field(256, ge=1)
-    hidden_dim: int = Field(512, ge=1)
+    embedding_dim: int = Field(256, ge=1, description="size of the word embeddings (the paper: 256)")
+    hidden_dim: int = Field(512, ge=1, description="LSTM hidden size (the paper: 512)")
     #: probability of reading the reference token (not the model's own) at each training step
     teacher_forcing: float = Field(0.5, ge=0, le=1)
-    decode: Literal["greedy", "beam"] = "greedy"
-    beam_size: int = Field(3, ge=1)
+    decode: Literal["greedy", "beam"] = Field("greedy",
+                                              description="inference decoding: greedy (the paper) or beam search")
+    beam_size: int = Field(3, ge=1, description="beams of beam decoding")
     #: the primary metric: corpus BLEU-4, or the mean of smoothed sentence BLEU-4 (the paper's)
     bleu: Literal["corpus", "sentence_average"] = "corpus"
 

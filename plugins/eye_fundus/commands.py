@@ -38,11 +38,7 @@ def eval_manifest_command(model: Path, manifest: Path, image_size: int | None, o
     The shortcut for `distillkit eval RUN_OR_CHECKPOINT --data data.yaml --split all` with a
     data.yaml holding `data: {kind: manifest, path: MANIFEST, image_size: N}`.
     """
-    from distillkit.cli.eval_cmd import run_eval
-    from distillkit.config import apply_overrides
-    from distillkit.data_spec import DataSpec
-    from distillkit.plugins import get_plugin_manager
-    from distillkit.rundir import RunDirectory, find_run_dir
+    from distillkit import DataSpec, RunDirectory, apply_overrides, find_run_dir, get_plugin_manager, run_eval
     from eye_fundus.predict import DEFAULT_IMAGE_SIZE
 
     if image_size is None:

@@ -19,10 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from distillkit.data import DataContext, Dataset, DatasetSource
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import Params
-from distillkit.io import read_json, write_json
+from distillkit import DataContext, Dataset, DatasetSource, DistillkitError, Params, read_json, write_json
 
 from eye_fundus.image_store import load_image_store, open_npy, save_npy
 from eye_fundus.manifest import DEFAULT_FIELDS, ManifestColumns, read_manifest
@@ -74,10 +71,10 @@ class SyntheticFundusParams(Params):
     num_patients: int = Field(600, ge=1)
     #: images in the unlabeled pool (from patients of their own)
     num_unlabeled: int = Field(600, ge=0)
-    image_size: int = Field(64, ge=16)
+    image_size: int = Field(64, ge=16, description="side of the square generated images, in pixels")
     #: size of the fine sub-category catalogue (T2 classes)
     num_fine_classes: int = Field(60, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the generator")
 
 
 class SyntheticFundusSource(ImageInputs, DatasetSource):
@@ -165,7 +162,9 @@ class ManifestParams(Params):
     path: Path
     #: side of the square images the photographs are resized (and black-padded) to
     image_size: int = Field(224, ge=16)
-    image_column: str = "image"
+    image_column: str = Field("image",
+                              description="the CSV column holding each image's path (relative to the manifest's "
+                                          "folder)")
     #: ``null``: no patient column, every image is its own group
     patient_column: str | None = "patient_id"
     #: dataset label field -> CSV column; the defaults match fundus-mix

@@ -6,7 +6,7 @@ collect commands) stays cheap; only the public ``distillkit`` API is used.
 
 from __future__ import annotations
 
-from distillkit.plugins import hookimpl
+from distillkit import hookimpl
 
 __version__ = "0.1.0"
 

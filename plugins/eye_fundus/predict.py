@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from distillkit.errors import DistillkitError
+from distillkit import DistillkitError
 
 #: the side of the synthetic data and of every shipped CPU config
 DEFAULT_IMAGE_SIZE = 64
@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".we
 
 def image_size_for(checkpoint: Path, meta: dict[str, Any]) -> tuple[int, str]:
     """The image side the model behind ``checkpoint`` was trained on, and where it came from."""
-    from distillkit.rundir import find_run_dir
+    from distillkit import find_run_dir
 
     shape = (meta.get("inputs") or {}).get("shape") or []
     size = shape[-1] if len(shape) == 3 else None  # (channels, height, width) of the training images
