@@ -168,8 +168,24 @@ class PluginManager:
                 self._fail(name, "in its register_commands hook", exc)
                 continue
             self.info[name].commands = sorted(set(cli.commands) - before)
+            for command in self.info[name].commands:
+                self._guard_command(cli.commands[command], name)
         self._commands_collected = True
         self._cli = cli
+
+    def _guard_command(self, command: Any, plugin: str) -> None:
+        """A plugin's command runs only when all its hooks succeed: a hook that fails to import
+        is found when the registries fill, which ``--help`` does not do (it stays fast)."""
+        original = command.invoke
+
+        def invoke(ctx: Any) -> Any:
+            self.registries
+            if plugin in self.failed:
+                raise DistillkitError(f"'{command.name}' is a command of plugin '{plugin}', which is unavailable "
+                                      f"(see the warning above).")
+            return original(ctx)
+
+        command.invoke = invoke
 
     def collect_commands(self) -> None:
         """Learn each plugin's command names (for ``distillkit plugins``) without a CLI at hand."""
