@@ -33,6 +33,7 @@ _EXPORTS = {
     "tempered_probs": "distillkit.losses",
     "atomic_write": "distillkit.io",
     "write_json": "distillkit.io",
+    "file_digests": "distillkit.io",
     "save_tensors": "distillkit.checkpoint",
     "load_tensors": "distillkit.checkpoint",
     "load_model": "distillkit.models",
