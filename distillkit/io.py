@@ -126,18 +126,15 @@ def file_digests(paths: Sequence[str | Path], cache_dir: str | Path) -> list[str
             out.append(str(entry[2]))
             continue
         try:
-            digest = hashlib.blake2b(digest_size=16)
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            digest = _file_digest(path)
         except OSError:
             out.append("missing")
             continue
-        out.append(digest.hexdigest())
+        out.append(digest)
         # A file modified in the last seconds may change again within the file system's mtime
         # granularity, keeping size and mtime: its digest is not trusted to the cache yet.
         if time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
-            cache[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+            cache[key] = [stat.st_size, stat.st_mtime_ns, digest]
             changed = True
     if changed:
         try:
@@ -145,3 +142,11 @@ def file_digests(paths: Sequence[str | Path], cache_dir: str | Path) -> list[str
         except OSError:
             log.warning("cannot write the file hash cache %s; files will be hashed again next time.", cache_file)
     return out
+
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
