@@ -44,7 +44,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     distillkit validate CONFIG    check a config and print the plan
     distillkit run CONFIG         run every stage (resumes an interrupted run)
     distillkit sweep SWEEP        run a config over a grid (seeds, p, tau), stages shared
-    distillkit plugins            list plugins and their components
+    distillkit plugins            list plugins, their components and commands
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
