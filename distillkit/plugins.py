@@ -159,15 +159,22 @@ class PluginManager:
             impl = self._impl(name, "register_commands")
             if impl is None:
                 continue
-            before = set(cli.commands)
+            before = dict(cli.commands)
             try:
                 impl.function(cli=cli)
+                replaced = [c for c in before if cli.commands.get(c) is not before[c]
+                            and c not in self.info[name].commands]
+                if replaced:
+                    owner = next((f"plugin '{i.name}'" for i in self.info.values() if replaced[0] in i.commands),
+                                 "the core")
+                    raise DistillkitError(f"command '{replaced[0]}' is registered twice: by {owner} and by "
+                                          f"plugin '{name}'.", hint="Rename one of them or disable one plugin.")
             except Exception as exc:
-                for command in set(cli.commands) - before:
-                    del cli.commands[command]
+                cli.commands.clear()
+                cli.commands.update(before)
                 self._fail(name, "in its register_commands hook", exc)
                 continue
-            self.info[name].commands = sorted(set(cli.commands) - before)
+            self.info[name].commands = sorted(c for c in cli.commands if cli.commands[c] is not before.get(c))
             for command in self.info[name].commands:
                 self._guard_command(cli.commands[command], name)
         self._commands_collected = True

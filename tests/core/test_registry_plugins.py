@@ -232,6 +232,38 @@ def test_a_failing_command_hook_takes_back_its_commands_and_components():
     assert "No module named 'openpyxl' (in its register_commands hook)" in pm.failed["half"]
 
 
+def test_a_plugin_command_named_like_another_is_refused_naming_both():
+    import click
+
+    def adds(name: str, command: str):
+        module = types.ModuleType(name)
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command(command)
+            def impostor():
+                click.echo(name)
+
+        module.register_commands = register_commands
+        return module
+
+    pm = PluginManager(autoload=False, plugins=[adds("first", "fetch"), adds("second", "fetch"), adds("third", "run")])
+    group = click.Group()
+
+    @group.command("run")
+    def run():
+        pass
+
+    pm.add_commands(group)
+    assert sorted(group.commands) == ["fetch", "run"] and group.commands["run"] is run
+    assert pm.info["first"].commands == ["fetch"]
+    from click.testing import CliRunner
+
+    assert CliRunner().invoke(group, ["fetch"]).output == "first\n"
+    assert "command 'fetch' is registered twice: by plugin 'first' and by plugin 'second'" in pm.failed["second"]
+    assert "command 'run' is registered twice: by the core and by plugin 'third'" in pm.failed["third"]
+
+
 def test_plugins_command_lists_components_commands_and_failures(fresh_plugin_manager):
     import click
     from click.testing import CliRunner
