@@ -238,6 +238,27 @@ def test_an_edited_cell_or_a_new_plugin_version_retrains_finished_stages(tmp_pat
     assert new_keys["m1"] != keys["m1"] and new_keys["m2"] != keys["m2"]
     assert (run / "stages" / ".previous" / "m1" / "model.safetensors").exists()  # the old result, kept aside
 
+    caches = run / "cache" / "teacher_outputs"
+    assert len([p for p in caches.iterdir() if p.is_dir()]) == 4  # train and val, before and after the edit
     go(_registries(policy_version="0.1.1"))  # the policy plugin's new release: m2 again, not m1
     last = _stage_keys(run)
     assert last["m1"] == new_keys["m1"] and last["m2"] != new_keys["m2"]
+    # m1's weights are the same, yet the teacher outputs are computed again by the new code
+    assert len([p for p in caches.iterdir() if p.is_dir()]) == 6
+
+
+def test_cache_keys_follow_plugin_versions():
+    from distillkit import feature_cache, teacher_targets
+    from distillkit.data import SplitData
+    from distillkit.teacher_targets import TeacherOutputParams
+
+    split = SplitData("train", np.arange(4), torch.zeros(4, 2), {}, {})
+    prefix = feature_cache.FrozenPrefix('{"kind": "mlp"}', 1, "abc")
+    keys = {feature_cache.cache_key(prefix, split, "data", "fp32", plugins) for plugins in
+            (None, {"builtin": "0.1.0"}, {"builtin": "0.1.1"}, {"builtin": "0.1.0", "house_data": "1"})}
+    assert len(keys) == 4
+    assert feature_cache.cache_key(prefix, split, "data", "fp32", {}) == feature_cache.cache_key(prefix, split, "data", "fp32")
+    out = TeacherOutputParams()
+    keys = {teacher_targets.cache_key([], {}, {}, True, split, "data", out, "identity", plugins)
+            for plugins in (None, {"house_policy": "0.1.0"}, {"house_policy": "0.1.1"})}
+    assert len(keys) == 3
