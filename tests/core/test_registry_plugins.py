@@ -290,6 +290,9 @@ def test_plugins_command_lists_components_commands_and_failures(fresh_plugin_man
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("builtin ") and lines[1] == "  tasks: classification"
+    [core] = [line for line in lines[:lines.index("houses 9.9 (explicit)")] if line.startswith("  commands: ")]
+    assert {"eval", "plugins", "report", "run", "sweep", "validate"} <= set(core[len("  commands: "):].split(", "))
+    assert "fetch-prices" not in core
     start = lines.index("houses 9.9 (explicit)")
     assert lines[start + 1:start + 3] == ["  tasks: my_task", "  commands: fetch-prices, price-report"]
     assert lines[-1].startswith("plugin 'broken_plugin' is unavailable: No module named 'nltk' "
