@@ -81,7 +81,8 @@ def test_core_commands_run_without_the_eye_extra_and_say_so_once(tmp_path):
     [notice] = _notices(run.stderr)
     assert notice.startswith(NOTICE)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"teachers", "m1", "m2", "m3", "report"} <= set(metrics["stages"] if "stages" in metrics else metrics)
+    assert set(metrics) == {"teachers", "m1", "m2", "m3", "report"}
+    assert 0 <= metrics["report"]["test"]["m1"]["cluster"]["accuracy"] <= 1
 
     # an eye command says why it cannot run, rather than failing with a traceback
     predict = _without_extras(tmp_path, "predict", str(out / "stages" / "m1" / "model.safetensors"), "eye.png")
