@@ -25,8 +25,13 @@ echo "== venv $VENV"
 # Install from a copy of the tracked (and new, unignored) files: the build leaves nothing in
 # the checkout and sees no local venv or runs.
 mkdir "$SCRATCH/src"
-(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) \
-    | tar -xf - -C "$SCRATCH/src"
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) \
+        | tar -xf - -C "$SCRATCH/src"
+else  # an unpacked source archive
+    tar -C "$REPO" --exclude=.venv --exclude=runs --exclude=build --exclude='*.egg-info' -cf - . \
+        | tar -xf - -C "$SCRATCH/src"
+fi
 "$BIN/python" -m pip install --quiet "$SCRATCH/src"
 "$BIN/python" -m pip list 2>/dev/null | grep -iE "^(torch|distillkit|pydantic|pluggy) " || true
 
