@@ -95,7 +95,7 @@ class DatasetSource(ABC):
         digest = hashlib.sha256(self.params.model_dump_json().encode())
         files = self.data_files()
         if not files:
-            return digest.hexdigest()[:16]  # as before files counted: keys of such sources stay
+            return digest.hexdigest()[:16]  # the value it always had: existing stage keys stay valid
         for (name, _), content in zip(files, file_digests([p for _, p in files], self.context.cache_dir)):
             digest.update(f"\0{name}\0{content}".encode())
         return digest.hexdigest()[:16]
@@ -120,12 +120,14 @@ class DatasetSource(ABC):
                 is_file, is_dir = path.is_file(), path.is_dir()
             except OSError:
                 continue
-            if is_file:
+            if is_file and cache not in path.parents:
                 out.setdefault(value, path)
-            elif is_dir and path not in (base, *base.parents) and not _overlaps(path, cache):
+            elif is_dir and path not in (base, *base.parents) and cache not in (path, *path.parents):
+                # a folder holding the data cache is read without it (the cache changes as it runs)
                 for item in sorted(path.rglob("*")):
                     rel = item.relative_to(path)
-                    if item.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    if (item.is_file() and not any(part.startswith(".") for part in rel.parts)
+                            and cache not in item.parents):
                         out.setdefault(f"{value}/{rel.as_posix()}", item)
         return sorted(out.items())
 
@@ -141,11 +143,6 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _strings(item)
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    """``a`` and ``b`` are the same folder or one holds the other."""
-    return a == b or a in b.parents or b in a.parents
 
 
 class SplitParams(Params):

@@ -174,7 +174,7 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                 "deps": [keys[d] for d in stage.dependencies()], **common,
                 # name -> version of every plugin whose components the stage uses: a new release
                 # of one retrains the stage (and those after it) instead of keeping old results
-                "plugins": registries.plugins_of(config.stages[name], [config.tasks[t] for t in sorted(tasks)],
+                "plugins": registries.plugins_of(config.stages[name], [config.tasks[t] for t in sorted(tasks) if t in config.tasks],
                                                  config.data, config.student)}
         keys[name] = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
         planned.append(PlannedStage(name, stage, stage.dependencies(), keys[name], stage.describe(all_tasks)))

@@ -169,6 +169,13 @@ def test_a_folder_stands_for_its_files_and_the_config_folder_and_cache_are_never
     renamed = source.fingerprint()
     (tmp_path / "images" / "a" / "3.png").rename(tmp_path / "images" / "a" / "1.png")
     assert renamed != source.fingerprint()
+    # a folder that holds the data cache is read without it
+    inside = FolderPoints(FolderParams(root="."), DataContext(cache_dir=tmp_path / "images" / "a", base_dir=tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    assert [name for name, _ in inside.data_files()] == []  # "." is the config's folder: never read
+    holder = FolderPoints(FolderParams(root=str(tmp_path / "images")),
+                          DataContext(cache_dir=tmp_path / "images" / "a", base_dir=tmp_path / "cfg"))
+    assert [name for name, _ in holder.data_files()] == [f"{tmp_path / 'images'}/2.png"]
 
 
 def test_file_digests_are_cached_by_size_and_mtime_once_a_file_has_settled(tmp_path):
