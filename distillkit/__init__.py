@@ -70,6 +70,7 @@ _EXPORTS = {
     "atomic_write_bytes": "distillkit.io",
     "write_json": "distillkit.io",
     "read_json": "distillkit.io",
+    "file_digests": "distillkit.io",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

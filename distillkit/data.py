@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Params, Task
+from distillkit.io import file_digests
 
 Tensor = torch.Tensor
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -88,8 +89,53 @@ class DatasetSource(ABC):
     def load(self) -> Dataset: ...
 
     def fingerprint(self) -> str:
-        """Identifies the data for stage hashes and caches; override to include file contents."""
-        return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()[:16]
+        """Identifies the data for stage keys and caches: a value that changes whenever
+        :meth:`load` could return other data.
+
+        By default: the params, and the bytes of every file of :meth:`data_files` (digests
+        cached by path, size and mtime in ``<cache_dir>/file_hashes.json``, so an unchanged
+        file is not read again). Override it when the data also depends on something else
+        (a server, a database, files the params do not name), or :meth:`data_files` when the
+        files read are not the ones the params name.
+        """
+        digest = hashlib.sha256(self.params.model_dump_json().encode())
+        files = self.data_files()
+        if not files:
+            return digest.hexdigest()[:16]  # the value it always had: existing stage keys stay valid
+        for (name, _), content in zip(files, file_digests([p for _, p in files], self.context.cache_dir)):
+            digest.update(f"\0{name}\0{content}".encode())
+        return digest.hexdigest()[:16]
+
+    def data_files(self) -> list[tuple[str, Path]]:
+        """The files whose bytes enter :meth:`fingerprint`, each with the name it enters under.
+
+        By default every string in the params (at any depth) that names an existing file,
+        relative paths resolved against the config's folder; a folder named so stands for
+        every file under it (hidden ones aside), each under its path inside the folder. The
+        config's folder, its parents and the data cache are never read this way.
+        """
+        base = Path(self.context.base_dir).resolve()
+        cache = Path(self.context.cache_dir).resolve()
+        out: dict[str, Path] = {}
+        for value in _strings(self.params.model_dump()):
+            if not value.strip() or len(value) > 4096 or "\n" in value or "\0" in value:
+                continue
+            path = Path(value).expanduser()
+            path = (path if path.is_absolute() else base / path).resolve()
+            try:
+                is_file, is_dir = path.is_file(), path.is_dir()
+            except OSError:
+                continue
+            if is_file and cache not in path.parents:
+                out.setdefault(value, path)
+            elif is_dir and path not in (base, *base.parents) and cache not in (path, *path.parents):
+                # a folder holding the data cache is read without it (the cache changes as it runs)
+                for item in sorted(path.rglob("*")):
+                    rel = item.relative_to(path)
+                    if (item.is_file() and not any(part.startswith(".") for part in rel.parts)
+                            and cache not in item.parents):
+                        out.setdefault(f"{value}/{rel.as_posix()}", item)
+        return sorted(out.items())
 
     def load_inputs(self, paths: Sequence[Path]) -> Tensor:
         """User files -> model inputs, one row per file in order, stored exactly as :meth:`load`
@@ -113,6 +159,19 @@ class DatasetSource(ABC):
         The default, ``None``, transforms nothing.
         """
         return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a params dump (mappings and lists searched), component names aside."""
+    if isinstance(value, (str, Path)):
+        yield str(value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if key != "kind":
+                yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 class SplitParams(Params):

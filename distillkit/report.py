@@ -73,7 +73,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         from distillkit import plots
     except ImportError as exc:
         raise DistillkitError(f"the report draws its figures with matplotlib, which is not installed ({exc}).",
-                              hint="pip install matplotlib (or install distillkit[eye]).") from None
+                              hint="Install it: pip install 'distillkit[report]'.") from None
     run = RunDirectory(run_path)
     html_path = Path(out) if out is not None else run.layout.report / "report.html"
     report = Report(html_path)

@@ -5,8 +5,9 @@ stages, cycles, and each stage's own checks (:meth:`distillkit.stages.Stage.chec
 early-stopping metric, teachers that learned every task, ...). Only then is the data loaded,
 its fingerprint taken and the stages' keys computed.
 
-A stage's key hashes its config, the data, the split, the student, its tasks and the keys of
-the stages it depends on. A stage whose folder holds the same key is skipped; a stage in
+A stage's key hashes its config, the data (its fingerprint covers file contents), the split,
+the student, its tasks, the name and version of every plugin whose components it uses, and
+the keys of the stages it depends on. A stage whose folder holds the same key is skipped; a stage in
 progress resumes from its last checkpoint; a finished stage is moved into place only when it
 is complete, so a failed run never overwrites the results of an earlier good one. The run
 directory's layout is :class:`distillkit.rundir.RunLayout`'s.
@@ -124,7 +125,12 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
         # caption's settings change, so runs that differ elsewhere share it.
         tasks = set(stage.key_tasks(all_tasks))
         desc = {"stage": resolved["stages"][name], "tasks": {t: resolved["tasks"][t] for t in sorted(tasks)},
-                "deps": [keys[d] for d in stage.dependencies()], **common}
+                "deps": [keys[d] for d in stage.dependencies()], **common,
+                # name -> version of every plugin whose components the stage uses: a new release
+                # of one retrains the stage (and those after it) instead of keeping old results
+                "plugins": registries.plugins_of(config.stages[name],
+                                                 [config.tasks[t] for t in sorted(tasks) if t in config.tasks],
+                                                 config.data, config.student)}
         keys[name] = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
         planned.append(PlannedStage(name, stage, stage.dependencies(), keys[name], stage.describe(all_tasks)))
     return planned

@@ -80,7 +80,8 @@ class StageContext(ABC):
         if storage == "off" or not encoder.frozen_blocks:
             return None
         cache = FeatureCache(self.cache_dir / "features", self.data_fingerprint, storage, batch_size, self.device,
-                             progress=self.callbacks)
+                             progress=self.callbacks,
+                             plugins=self.registries.plugins_of(getattr(encoder, "params", None)))
         return {name: cache.view(encoder, self.splits[name]) for name in names}
 
     def teachers(self, stages: Sequence[str]) -> list[Teacher]:
@@ -259,11 +260,15 @@ def _distill_inputs(ctx: StageContext, stage: str, params: Any, tasks: Mapping[s
         train_targets, val_targets = online, val_online
     else:
         cache_root = RunLayout(ctx.run_dir).teacher_outputs
+        # the plugins whose code turns the teachers' weights into soft targets
+        code = ctx.registries.plugins_of(params.aggregation, *[task.params for task in tasks.values()],
+                                         *[t.model for t in teachers],
+                                         *[getattr(t.model.encoder, "params", None) for t in teachers])
         # fp16 frozen features give teachers slightly other inputs than raw images or fp32 features
         view = "frozen-fp16" if readers and params.training.feature_cache == "fp16" else "identity"
         targets = []
         for split, source in ((splits[train_name], online), (splits["val"], val_online)):
-            key = cache_key(teachers, routes, tau, source.use_labels, split, ctx.data_fingerprint, out, view)
+            key = cache_key(teachers, routes, tau, source.use_labels, split, ctx.data_fingerprint, out, view, code)
             with reading_features(readers):
                 targets.append(build_or_load_cache(source, split, cache_root / key, out, batch, ctx.device,
                                                    progress=ctx.callbacks(f"teacher outputs ({split.name})")))

@@ -225,9 +225,13 @@ class CachedTargets:
 
 
 def cache_key(teachers: Sequence[Teacher], routes: Mapping[str, Route], tau: Mapping[str, float], use_labels: bool,
-              split: SplitData, data_fingerprint: str, params: TeacherOutputParams, view: str = "identity") -> str:
-    """Identifies a cache by the teachers' checkpoints, their weights, the data, split and view."""
+              split: SplitData, data_fingerprint: str, params: TeacherOutputParams, view: str = "identity",
+              plugins: Mapping[str, str] | None = None) -> str:
+    """Identifies a cache by the teachers' checkpoints, their weights, the data, split and view,
+    and the versions of the plugins whose code computes the outputs (``plugins``): retrained
+    teachers may have the same weights as before, their new code other outputs."""
     description = {
+        "plugins": dict(sorted((plugins or {}).items())),
         "teachers": [t.checksum for t in teachers],
         "routes": {k: [[teachers[i].checksum for i in r.teachers], r.weights] for k, r in sorted(routes.items())},
         "tau": dict(sorted(tau.items())), "labels": use_labels, "split": split.name,

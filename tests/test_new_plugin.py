@@ -102,8 +102,14 @@ def test_the_new_plugin_installs_is_listed_and_passes_its_own_tests(tmp_path):
         return done
 
     run("-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(root))
-    listed = run("-m", "distillkit", "plugins").stdout
-    assert "grades 0.1.0 (entry point)\n  tasks: grades_label\n  datasets: grades_csv\n" in listed
+    listed = run("-m", "distillkit", "plugins").stdout.splitlines()
+    # each plugin: a line "name version (source)", then its components and commands, indented;
+    # the scaffold registers a task and a dataset source and adds no command
+    start = listed.index("grades 0.1.0 (entry point)")
+    block = listed[start + 1:start + 5]
+    block = block[:next((i for i, line in enumerate(block) if not line.startswith("  ")), len(block))]
+    assert block == ["  tasks: grades_label", "  datasets: grades_csv"]
+    assert any(line.startswith("  commands: ") and "new-plugin" in line for line in listed[:start])  # the core's
     # not installed in this interpreter: only the venv sees its entry point
     assert "grades" not in PluginManager().info
     tests = run("-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")).stdout

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from distillkit import DataContext, Dataset, DatasetSource, DistillkitError, Params, read_json, write_json
+from distillkit import (DataContext, Dataset, DatasetSource, DistillkitError, Params, file_digests, read_json,
+                        write_json)
 
 from eye_fundus.image_store import load_image_store, open_npy, save_npy
 from eye_fundus.manifest import DEFAULT_FIELDS, ManifestColumns, read_manifest
@@ -222,13 +223,13 @@ class ManifestSource(ImageInputs, DatasetSource):
         Editing a label or replacing an image in place changes every stage hash (and so the
         teacher-output and feature caches). The images enter by content only (a BLAKE2b digest
         of the file), not by path, so moving a data set to another disk keeps finished stages.
-        The digests are cached by (path, size, mtime_ns) in ``cache_dir/image_hashes.json``: an
+        The digests are cached by (path, size, mtime_ns) in ``cache_dir/file_hashes.json``: an
         unchanged file is not read again; a touched one is re-hashed (same bytes, same value).
         """
         digest = hashlib.sha256(self.params.model_dump_json().encode())
         digest.update(hashlib.sha256(self._manifest_bytes()).digest())
         rows = read_manifest(self.manifest_path, self.columns())
-        for content in image_digests(rows.images, Path(self.context.cache_dir) / "image_hashes.json"):
+        for content in file_digests(rows.images, self.context.cache_dir):
             digest.update(content.encode())
         return digest.hexdigest()[:16]
 
@@ -257,41 +258,3 @@ class ManifestSource(ImageInputs, DatasetSource):
         except OSError as exc:
             raise DistillkitError(f"cannot read the manifest {self.manifest_path}: {exc.strerror or exc}.",
                                   where=f"{self.context.where}.path") from None
-
-
-def image_digests(paths: list[Path], cache_file: Path) -> list[str]:
-    """BLAKE2b of each file's bytes ("missing" for an unreadable file), cached by
-    (resolved path, size, mtime_ns) in ``cache_file``."""
-    try:
-        cache = read_json(cache_file) if cache_file.exists() else {}
-    except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
-    out: list[str] = []
-    changed = False
-    for path in paths:
-        key = str(Path(path).resolve())
-        try:
-            stat = Path(path).stat()
-        except OSError:
-            out.append("missing")
-            continue
-        entry = cache.get(key)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
-            out.append(str(entry[2]))
-            continue
-        try:
-            h = hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
-        except OSError:
-            out.append("missing")
-            continue
-        cache[key] = [stat.st_size, stat.st_mtime_ns, h]
-        out.append(h)
-        changed = True
-    if changed:
-        try:
-            write_json(cache_file, cache)
-        except OSError:
-            log.warning("cannot write the image hash cache %s; images will be hashed again next time.", cache_file)
-    return out
