@@ -6,8 +6,9 @@ for the toy data, anything a plugin's source can read. The model applies its own
 transform, so raw files give what evaluation gives on the same rows.
 
 Per file, one entry per task: a classification task gives ``{"kind": "classes", "top": [...],
-"probabilities": {...}}``, a task that decodes text ``{"kind": "text", "text": ...}``, any
-other ``{"kind": "other", "outputs": {name: shape}}``.
+"probabilities": {...}}``, a task that decodes text ``{"kind": "text", "text": ...}``, a task
+that predicts a few plain numbers (regression) ``{"kind": "values", "values": {name: [...]}}``,
+any other ``{"kind": "other", "outputs": {name: shape}}``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def collect_files(paths: Sequence[Path], suffixes: Sequence[str] = ()) -> list[P
     return out
 
 
+#: a prediction whose every tensor holds at most this many numbers per row is shown as numbers
+MAX_SHOWN_VALUES = 16
+
+
 def top_k_for(task: Any, top_k: int | None) -> int:
     if top_k is not None:
         return top_k
@@ -98,6 +103,10 @@ def predict_rows(model: Any, tasks: Mapping[str, Any], inputs: torch.Tensor, top
                                     "probabilities": {c: float(p) for c, p in zip(classes, probs.tolist())}}
                 elif "tokens" in prediction and (text := task.decode_text(prediction["tokens"][row:row + 1].cpu())):
                     result[name] = {"kind": "text", "text": text[0]}
+                elif all(v.is_floating_point() and v[row].numel() <= MAX_SHOWN_VALUES for v in prediction.values()):
+                    # plain values (a regression's predicted price): shown as numbers
+                    result[name] = {"kind": "values",
+                                    "values": {k: v[row].float().cpu().flatten().tolist() for k, v in prediction.items()}}
                 else:
                     result[name] = {"kind": "other",
                                     "outputs": {k: list(v[row].shape) for k, v in prediction.items()}}
@@ -114,6 +123,8 @@ def format_prediction(name: str, result: Mapping[str, Any]) -> list[str]:
             shown = [f"{t['probability']:.3f}  {t['label']}" for t in value["top"]]
         elif value["kind"] == "text":
             shown = [f'"{value["text"]}"']
+        elif value["kind"] == "values":
+            shown = [f"{k} {', '.join(f'{x:.6g}' for x in v)}" for k, v in value["values"].items()]
         else:
             shown = [", ".join(f"{k} {v}" for k, v in value["outputs"].items())]
         lines.append(f"  {task:<{width}}  {shown[0]}")

@@ -73,17 +73,21 @@ class ToyBlobs(DatasetSource):
 
     def load_inputs(self, paths: Sequence[Path]) -> torch.Tensor:
         """One point per file: ``dim`` numbers separated by commas or white space."""
-        rows = []
-        for path in paths:
-            try:
-                values = [float(v) for v in Path(path).read_text(encoding="utf-8").replace(",", " ").split()]
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise DistillkitError(f"cannot read a point from the file ({exc}).", where=str(path)) from None
-            if len(values) != self.params.dim:
-                raise DistillkitError(f"the file holds {len(values)} numbers; a point has {self.params.dim}.",
-                                      where=str(path))
-            rows.append(values)
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.params.dim)
+        return read_points(paths, self.params.dim)
+
+
+def read_points(paths: Sequence[Path], dim: int) -> torch.Tensor:
+    """``(len(paths), dim)`` float32: one point per file, its numbers separated by commas or white space."""
+    rows = []
+    for path in paths:
+        try:
+            values = [float(v) for v in Path(path).read_text(encoding="utf-8").replace(",", " ").split()]
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DistillkitError(f"cannot read a point from the file ({exc}).", where=str(path)) from None
+        if len(values) != dim:
+            raise DistillkitError(f"the file holds {len(values)} numbers; a point has {dim}.", where=str(path))
+        rows.append(values)
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), dim)
 
 
 class ToyRegressionParams(Params):
@@ -129,3 +133,7 @@ class ToyRegression(DatasetSource):
         groups = [f"g{i // 2}" for i in range(n)]
         return Dataset(inputs=torch.from_numpy(x.astype(np.float32)), labels=labels, groups=groups,
                        ids=[f"toy_regression/{i}" for i in range(n)], pool=pool, source="toy_regression")
+
+    def load_inputs(self, paths: Sequence[Path]) -> torch.Tensor:
+        """One point per file, as for ``toy_blobs``: ``dim`` numbers (``distillkit predict``)."""
+        return read_points(paths, self.params.dim)

@@ -299,3 +299,20 @@ def test_regression_example_caches_the_teachers_raw_predictions(tmp_path, monkey
         assert cached.dtype == torch.float32 and torch.isfinite(cached).all()
         assert float(cached.min()) > 9e7  # prices near 97,000,000, which fp16 cannot hold
         torch.testing.assert_close(cached.double(), expected, rtol=1e-6, atol=0.0)
+
+    # predict reads a point per file through the toy_regression source and shows the price in
+    # dollars: the student's own prediction for that point
+    point = data.dataset.inputs[0]
+    (tmp_path / "point.txt").write_text(" ".join(repr(float(v)) for v in point.tolist()))
+    m2 = tmp_path / "run" / "stages" / "m2" / "model.safetensors"
+    shown = CliRunner().invoke(cli, ["predict", str(m2), str(tmp_path / "point.txt"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    [row] = json.loads(shown.output)
+    student = load_model(m2, registries)
+    with torch.no_grad():
+        price = student.tasks["price"].predict(student.model.heads["price"], student.model.features(point[None]))
+    assert row["tasks"]["price"] == {"kind": "values", "values": {"value": pytest.approx(price["value"][0].tolist())}}
+    assert row["tasks"]["price"]["values"]["value"][0] > 9e7
+    assert row["tasks"]["band"]["kind"] == "classes"
+    text = CliRunner().invoke(cli, ["predict", str(m2), str(tmp_path / "point.txt")])
+    assert text.exit_code == 0 and f"value {price['value'][0, 0].item():.6g}" in text.output, text.output
