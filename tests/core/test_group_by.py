@@ -110,3 +110,27 @@ def test_a_task_that_is_not_a_classification_is_refused_by_validate(tmp_path):
     # the same config grouped by the classification task is valid
     config["stages"]["report"]["group_by"] = "cluster"
     assert CliRunner().invoke(cli, ["validate", str(write_config(tmp_path, config))]).exit_code == 0
+
+
+class _Grades(_ScoreTask):
+    """Not a ClassificationTask, but it declares its classes (``Task.class_names``)."""
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["a", "b"]
+
+
+def test_a_task_groups_rows_when_it_declares_class_names():
+    from distillkit.builtin.regression import RegressionParams, RegressionTask
+    from distillkit.evaluation import grouping_problem
+
+    # before the data is loaded the classes are checked, after it the instances
+    assert grouping_problem("grade", {"grade": _Grades}, None) is None
+    fitted = types.SimpleNamespace(class_names=["a", "b"])  # an instance: its fitted class list counts
+    assert grouping_problem("grade", {"grade": fitted}, ["quadrant"]) is None
+    assert grouping_problem("grade", {"grade": _ScoreTask}, None).startswith("task 'grade' is not a classification")
+    for task in (RegressionTask, RegressionTask("price", RegressionParams())):
+        problem = grouping_problem("price", {"price": task}, ["quadrant"])
+        assert problem.startswith("task 'price' is not a classification task")
+    assert grouping_problem("quadrant", {"price": RegressionTask}, ["quadrant"]) is None
+    assert "Did you mean 'quadrant'" in grouping_problem("quadrnt", {"price": RegressionTask}, ["quadrant"])
