@@ -25,10 +25,10 @@ GROUP_ID = "group"
 def grouping_problem(group_by: str, tasks: Mapping[str, Any], fields: Sequence[str] | None) -> str | None:
     """Why ``group_by`` cannot group rows, or ``None`` when it can.
 
-    ``group_by`` names a classification task (rows grouped by their true class), a dataset
-    field (by its raw value) or ``group`` (by group id). ``tasks`` maps task names to task
-    classes or instances; ``fields`` is ``None`` while the data is not loaded yet (then only
-    a task name can be refuted).
+    ``group_by`` names a task with classes (``Task.class_names``, e.g. a classification task:
+    rows grouped by their true class), a dataset field (by its raw value) or ``group`` (by
+    group id). ``tasks`` maps task names to task classes or instances; ``fields`` is ``None``
+    while the data is not loaded yet (then only a task name can be refuted).
     """
     if group_by in tasks:
         task = tasks[group_by]
