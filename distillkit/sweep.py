@@ -46,7 +46,7 @@ from distillkit.stats import Estimate, mean_ci, paired_diff
 
 SWEEP_FORMAT = "distillkit.sweep/1"
 SWEEP_KEYS = ("base", "grid", "table", "name")
-TABLE_KEYS = ("columns", "rows", "metrics", "baseline", "split")
+TABLE_KEYS = ("columns", "rows", "metrics", "baseline", "comparisons", "split")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class SweepSpec:
     metrics: list[str] | None
     baseline: str | None
     split: str = "test"
+    #: pairs of rows ``(a, b)``: the paired difference a - b per column, beside the baseline's
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _override(key: str, value: Any) -> str:
@@ -165,9 +167,20 @@ def load_sweep(path: str | Path, registries) -> SweepSpec:
     if baseline is not None and rows is not None and baseline not in rows:
         raise DistillkitError(f"'{baseline}' is not a row.{did_you_mean(str(baseline), rows)}",
                               where=f"{file}: table.baseline")
+    comparisons = table.get("comparisons") or []
+    where = f"{file}: table.comparisons"
+    if not isinstance(comparisons, list) or not all(isinstance(c, list) and len(c) == 2 for c in comparisons):
+        raise DistillkitError("must be a list of row pairs, e.g. [[M2+ens, M2], [M3+ens, M2+ens]].", where=where)
+    for a, b in comparisons:
+        for name in (a, b):
+            if rows is not None and name not in rows:
+                raise DistillkitError(f"'{name}' is not a row.{did_you_mean(str(name), rows)}", where=where)
+        if a == b:
+            raise DistillkitError(f"compares the row '{a}' with itself.", where=where)
     return SweepSpec(file=file, name=str(data.get("name", path.stem)), base=base, grid=dict(grid), runs=runs,
                      columns=columns, rows=dict(rows) if rows else None, metrics=table.get("metrics"),
-                     baseline=baseline, split=str(table.get("split", "test")))
+                     baseline=baseline, split=str(table.get("split", "test")),
+                     comparisons=[(str(a), str(b)) for a, b in comparisons])
 
 
 def _plan_check(cfg: RunConfig, registries) -> None:
@@ -298,7 +311,8 @@ def _write_summary(out: Path, spec: SweepSpec, records: list, naive: int, starte
     summary = {"format": SWEEP_FORMAT, "name": spec.name, "sweep_file": str(Path(spec.file).resolve()),
                "base": str(spec.base), "grid": spec.grid, "complete": complete,
                "table": {"columns": spec.columns, "rows": spec.rows, "metrics": spec.metrics,
-                         "baseline": spec.baseline, "split": spec.split},
+                         "baseline": spec.baseline, "comparisons": [list(c) for c in spec.comparisons],
+                         "split": spec.split},
                "stages_trained": len(seconds), "stages_naive": naive,
                "stages_trained_this_invocation": trained_now,
                "runs": records,
@@ -344,6 +358,7 @@ class Cell:
     metric: str
     estimate: Estimate
     diff: Estimate | None = None  # paired difference against the baseline row
+    comparison: bool = False      # a row "a − b" of table.comparisons: ``estimate`` is the paired difference
 
 
 def _fmt(value: Any) -> str:
@@ -387,6 +402,11 @@ def cells(summary: Mapping[str, Any]) -> list[Cell]:
                     if seeds:
                         diff = paired_diff([values[s] for s in seeds], [by_row[baseline][s] for s in seeds])
                 out.append(Cell(group, name, column, metric, mean_ci(list(values.values())), diff))
+            for a, b in table.get("comparisons") or []:  # "a − b" rows: the estimate is the paired difference
+                seeds = sorted(set(by_row.get(a, {})) & set(by_row.get(b, {})))
+                if seeds:
+                    d = paired_diff([by_row[a][s] for s in seeds], [by_row[b][s] for s in seeds])
+                    out.append(Cell(group, f"{a} − {b}", column, metric, d, None, comparison=True))
     return out
 
 
@@ -395,7 +415,8 @@ def markdown_tables(summary: Mapping[str, Any], cell_list: Sequence[Cell] | None
     cell_list = list(cell_list if cell_list is not None else cells(summary))
     table = summary["table"]
     columns_key = table.get("columns") or ""
-    row_order = list(table.get("rows") or dict.fromkeys(c.row for c in cell_list))
+    row_order = list(table.get("rows") or dict.fromkeys(c.row for c in cell_list if not c.comparison))
+    compared = [f"{a} − {b}" for a, b in table.get("comparisons") or []]
     column_order = [_fmt(v) for v in summary["grid"].get(columns_key, [None])] if columns_key else [""]
     lines = [f"# {summary['name']}: mean ± 95% CI over seeds ({table.get('split', 'test')} split)", ""]
     index = {(c.group, c.metric, c.row, c.column): c for c in cell_list}
@@ -424,6 +445,17 @@ def markdown_tables(summary: Mapping[str, Any], cell_list: Sequence[Cell] | None
                         texts.append(f"{c.diff.mean:+.3f} ± {c.diff.half_width:.3f}" if c and c.diff and
                                      c.diff.half_width is not None else (f"{c.diff.mean:+.3f}" if c and c.diff else ""))
                     lines.append(f"| {row} − {baseline} | " + " | ".join(texts) + " |")
+            if compared:
+                lines += ["", "Paired comparisons (same seed):", "",
+                          "| comparison | " + " | ".join(column_order) + " |", "|---" * (len(column_order) + 1) + "|"]
+                for row in compared:
+                    texts = []
+                    for column in column_order:
+                        c = index.get((group, metric, row, column))
+                        texts.append("" if c is None else (f"{c.estimate.mean:+.3f} ± {c.estimate.half_width:.3f}"
+                                                           if c.estimate.half_width is not None
+                                                           else f"{c.estimate.mean:+.3f} (n=1)"))
+                    lines.append(f"| {row} | " + " | ".join(texts) + " |")
             lines.append("")
     return "\n".join(lines)
 
@@ -456,7 +488,8 @@ def write_tables(out: Path, spec_or_none, summary: Mapping[str, Any]) -> list[Pa
         from distillkit.io import atomic_write_bytes
         from distillkit.plots import sweep_figure, to_png
 
-        fig = sweep_figure(cell_list, summary["table"].get("columns") or "", summary["grid"])
+        fig = sweep_figure([c for c in cell_list if not c.comparison], summary["table"].get("columns") or "",
+                           summary["grid"])
         if fig is not None:
             atomic_write_bytes(out / "results.png", to_png(fig))
             written.append(out / "results.png")

@@ -100,6 +100,36 @@ def test_pairs_are_matched_by_seed_not_by_order():
     assert cell.diff.mean == pytest.approx(0.1) and cell.diff.half_width == pytest.approx(4.303 * 0.1 / math.sqrt(3))
 
 
+def test_comparisons_are_paired_differences_between_two_rows():
+    summary = _summary()
+    summary["runs"] = [dict(r, metrics=dict(r["metrics"], m2={"broad.accuracy": r["metrics"]["m1"]["broad.accuracy"]
+                                                                + 0.01 * (i + 1)}))
+                       for i, r in enumerate(summary["runs"])]
+    summary["table"]["rows"] = {"M1": "m1", "M2": "m2", "M3+ens": "m3"}
+    summary["table"]["comparisons"] = [["M3+ens", "M2"]]
+    lines = markdown_tables(summary).splitlines()
+    # p = 0.3: m3 - m2 = (0.6 - 0.51, 0.8 - 0.62, 0.7 - 0.73) = (0.09, 0.18, -0.03): mean 0.08, s 0.10536
+    # p = 0.7: (0.9 - 0.84, 0.85 - 0.85, 0.95 - 0.86) = (0.06, 0.0, 0.09): mean 0.05, s 0.04583
+    half_03, half_07 = 4.303 * 0.105357 / math.sqrt(3), 4.303 * 0.045826 / math.sqrt(3)
+    assert f"| M3+ens − M2 | +0.080 ± {half_03:.3f} | +0.050 ± {half_07:.3f} |" in lines
+    i = lines.index("Paired comparisons (same seed):")
+    assert lines[i + 2] == "| comparison | 0.3 | 0.7 |"
+    # the comparison rows are not models: not in the model table, the baseline table or the figure's rows
+    assert not any(line.startswith("| M3+ens − M2 − M1") for line in lines)
+    rows = list(csv.DictReader(io.StringIO(csv_table(cells(summary)))))
+    row = next(r for r in rows if r["model"] == "M3+ens − M2" and r["column"] == "0.3")
+    assert float(row["mean"]) == pytest.approx(0.08) and row["diff_mean"] == ""
+
+
+def test_comparisons_name_rows(tmp_path):
+    path = _sweep(tmp_path, {"seed": [0, 1]}, {"rows": {"M1": "m1", "M2": "m2"}, "comparisons": [["M2", "M3"]]})
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 2 and "table.comparisons" in result.output and "'M3' is not a row" in result.output
+    path = _sweep(tmp_path, {"seed": [0, 1]}, {"rows": {"M1": "m1"}, "comparisons": ["M1"]})
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 2 and "list of row pairs" in result.output
+
+
 # -- running ----------------------------------------------------------------------------------
 
 def _sweep(tmp_path: Path, grid: dict, table: dict | None = None, base: dict | None = None) -> Path:
