@@ -323,6 +323,16 @@ def test_fp16_on_a_cpu_run_is_an_exit_2_error_before_any_stage(cli_runner, tmp_p
     assert not (out / "config.yaml").exists() and not any(p.name == "stages" for p in out.iterdir())
 
 
+def test_validate_refuses_fp16_for_an_explicit_cpu_device_only(cli_runner, tmp_path):
+    config = toy_config(device="cpu")
+    config["training"]["mixed_precision"] = "fp16"
+    result = cli_runner.invoke(cli, ["validate", str(write_config(tmp_path, config))])
+    assert result.exit_code == 2 and "training.mixed_precision" in result.output, result.output
+    config["device"] = "auto"  # the run may go to a GPU machine: nothing to say yet
+    result = cli_runner.invoke(cli, ["validate", str(write_config(tmp_path, config, "auto.yaml"))])
+    assert result.exit_code == 0, result.output
+
+
 def test_precision_and_layout_are_part_of_the_stage_keys(registries):
     def keys(**training):
         config = toy_config()
