@@ -187,6 +187,24 @@ def test_the_training_step_hands_fp32_logits_to_a_task_that_does_not_cast(regist
     assert task.seen == torch.float32  # ... its logits reached the loss as fp32
 
 
+def test_an_interrupted_bf16_fit_resumes_to_identical_weights(registries, tmp_path):
+    tasks = _tasks()
+    train, val = _vectors(tasks, 64, 0, "train"), _vectors(tasks, 32, 1, "val")
+    loss_fn = KDLoss(KDLossParams())
+    straight = _mlp(tasks, registries)
+    full = fit(straight, tasks, loss_fn, train, val, _params(mixed_precision="bf16", epochs=4), device=CPU, seed=3,
+               workdir=tmp_path / "straight", stage="m1")
+    first = _mlp(tasks, registries)
+    fit(first, tasks, loss_fn, train, val, _params(mixed_precision="bf16", epochs=2), device=CPU, seed=3,
+        workdir=tmp_path / "resumed", stage="m1")
+    second = _mlp(tasks, registries, seed=9)  # another init: the checkpoint must overwrite it
+    resumed = fit(second, tasks, loss_fn, train, val, _params(mixed_precision="bf16", epochs=4), device=CPU, seed=3,
+                  workdir=tmp_path / "resumed", stage="m1")
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
 def test_fp16_on_cpu_is_refused_naming_the_key(registries, tmp_path):
     with pytest.raises(DistillkitError) as info:
         autocast_dtype("fp16", CPU, where="stages.m1.training.mixed_precision")
