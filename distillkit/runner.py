@@ -40,6 +40,7 @@ from distillkit.progress import Reporter
 from distillkit.registry import Registries
 from distillkit.rundir import RunLayout, stage_marker
 from distillkit.stages import PlanView, Stage, StageContext, StageResult
+from distillkit.training import autocast_dtype
 
 STAGE_FORMAT = "distillkit.stage/1"
 
@@ -145,6 +146,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_mixed_precision(config: RunConfig, device: torch.device) -> None:
+    """Every ``training.mixed_precision`` the device cannot run (fp16 on a CPU), named by its key,
+    before any data is read; a stage that inherits the run's setting is reported once, at ``training``."""
+    problems = []
+    places = [("training", config.training)] + [(f"stages.{name}.training", getattr(params, "training", None))
+                                                for name, params in config.stages.items()]
+    for path, training in places:
+        mode = getattr(training, "mixed_precision", "off")
+        if path != "training" and mode == config.training.mixed_precision:
+            continue
+        try:
+            autocast_dtype(mode, device, where=f"{path}.mixed_precision")
+        except DistillkitError as exc:
+            problems.append(f"{path}.mixed_precision: {exc.message}")
+    if problems:
+        raise DistillkitError(" ".join(problems), where=config.file)
+
+
 class RunLock:
     """An exclusive lock on a run directory; the OS drops it when the process dies."""
 
@@ -229,6 +248,7 @@ class Runner(StageContext):
     def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
         # Everything the config alone can show is checked before any data is read.
         self.device = resolve_device(self.config.device)
+        check_mixed_precision(self.config, self.device)
         check_frozen_encoders(self.config.student, self.registries, self.config.file)
         check_plan(self.config, self.registries)
         self.prepare_data()

@@ -91,9 +91,11 @@ class TrainingParams(Params):
                                                              "to 0 over the epochs")
     grad_clip: Optional[float] = Field(None, gt=0,
                                        description="clip the gradient norm to this value; null: no clipping")
-    #: bf16 autocast on CUDA (ignored on CPU)
-    mixed_precision: bool = True
-    channels_last: bool = Field(False, description="channels_last memory format for image models on a GPU")
+    #: autocast of the training step: ``off``, ``bf16`` (CUDA or CPU) or ``fp16`` (CUDA only, with a
+    #: gradient scaler); the losses are computed in fp32 either way (see docs/design.md)
+    mixed_precision: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = Field(False, description="channels_last memory format for the model and its 4-D image "
+                                                   "batches (any device; fastest on GPUs with tensor cores)")
     #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
     augment: Any = None
     #: with a frozen encoder part: train on its output computed once per image and stored as
@@ -101,6 +103,36 @@ class TrainingParams(Params):
     feature_cache: Literal["fp32", "fp16", "off"] = "fp32"
     #: ``{kind: balanced, task: <task>}`` draws class-balanced epochs (see docs/design.md)
     sampler: SamplerParams = SamplerParams()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _precision_word(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as False: that is the documented `off`. A True (`on`,
+        # `true`, the old boolean setting) names no precision, so it is refused with the choices.
+        if value is False:
+            return "off"
+        if value is True:
+            raise ValueError("must be off, bf16 or fp16: a boolean names no precision (YAML reads an unquoted "
+                             "on, yes or true as true)")
+        return value
+
+
+def autocast_dtype(mode: str, device: torch.device, where: str = "training.mixed_precision") -> torch.dtype | None:
+    """The autocast dtype of ``training.mixed_precision`` on ``device``; ``None`` when it is off.
+
+    bf16 runs on CUDA and on CPU; fp16 on CUDA only: CPU kernels in fp16 are slow and no more
+    exact than bf16, so fp16 on a CPU is a config error (``where`` names the key) rather than a
+    silent fallback. Other devices (``mps``) have no mixed precision here.
+    """
+    if mode == "off":
+        return None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    if device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16
+                                 and torch.amp.is_autocast_available("cpu")):
+        return dtype
+    supported = "bf16 or off" if device.type == "cpu" else "off"
+    raise DistillkitError(f"mixed precision '{mode}' is not available on device '{device}': fp16 runs on CUDA "
+                          f"only, bf16 on CUDA and CPU. Set {where} to {supported} on this device.", where=where)
 
 
 class Callbacks(Protocol):
@@ -252,17 +284,22 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     from it, so an interrupted stage continues where it stopped and ends with the same weights.
     A distillation stage passes ``soft_targets`` (and ``val_soft_targets`` for ``val_kd``),
     ``alpha`` (the soft term's weight) and ``tau``; an unlabeled one ``use_labels=False``.
+    ``params.mixed_precision`` autocasts the training step's forward pass only: the losses,
+    validation and the soft targets run in fp32.
     """
     callbacks = callbacks or NullCallbacks()
     tau = dict(tau or {})
     es = params.early_stopping
     metric = _monitored_metric(es, tasks, use_labels)
+    amp_dtype = autocast_dtype(params.mixed_precision, device)
     optimizer, scheduler = _placed_with_optimizer(model, params, device)
-    autocast = device.type == "cuda" and params.mixed_precision
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+    # A disabled scaler passes scale/step/update straight through to the plain fp32 step.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     workdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
     torch.manual_seed(hash_seed(seed, stage, "init"))
-    state = _resume(last_path, log_path, model, optimizer, scheduler) or _fresh_state()
+    state = _resume(last_path, log_path, model, optimizer, scheduler, scaler) or _fresh_state()
 
     steps = math.ceil(len(train) / params.batch_size)
     row_weights = sampler_weights(train, params.sampler)
@@ -282,14 +319,19 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
                 batch = Batch(batch.index, augment(batch.inputs), batch.targets)
             targets = batch.targets if use_labels else None
             soft = soft_targets(batch) if soft_targets is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = forward_tasks(model, tasks, batch.inputs, targets, soft, train=True)
-            loss, parts = loss_fn(tasks, logits, targets, soft, alpha, tau)
+            inputs = laid_out(batch.inputs, params.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
+            # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
+            # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
+            loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if params.grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
+            scaler.update()
             step_losses[step] = torch.stack([loss.detach(), *(parts[t] for t in tasks)])
             step_rows.append(len(batch.index))
             callbacks.on_step()
@@ -308,7 +350,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(record)
-        _save_state(last_path, model, optimizer, scheduler, state)
+        _save_state(last_path, model, optimizer, scheduler, state, scaler)
         append_jsonl(log_path, record)
         callbacks.on_epoch_end(epoch, record)
         if _stopped(es, state):
@@ -333,10 +375,25 @@ def _monitored_metric(es: EarlyStoppingParams | None, tasks: Mapping[str, Task],
     return metric
 
 
+def fp32_logits(logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every task's floating-point logits as fp32 (a no-op outside autocast), so that any task's
+    loss, including a plugin's that does not cast, runs in fp32."""
+    return {name: z.float() if torch.is_tensor(z) and z.is_floating_point() else z for name, z in logits.items()}
+
+
+def laid_out(inputs: Tensor, channels_last: bool) -> Tensor:
+    """``inputs`` in channels_last memory format when asked and they are a 4-D image batch (N, C, H, W);
+    anything else (feature vectors, token ids, cached 2-D features) unchanged. The values
+    are the same: only the order of the elements in memory changes."""
+    if channels_last and inputs.dim() == 4:
+        return inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def _placed_with_optimizer(model: Student, params: TrainingParams, device: torch.device):
-    """Move ``model`` to ``device`` (channels-last on CUDA if asked); its optimizer and scheduler."""
+    """Move ``model`` to ``device`` (its 4-D weights channels-last if asked); its optimizer and scheduler."""
     model.to(device)
-    if params.channels_last and device.type == "cuda":
+    if params.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, params.optimizer)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
@@ -350,9 +407,9 @@ def _fresh_state() -> dict[str, Any]:
 
 
 def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.optim.Optimizer,
-            scheduler) -> dict[str, Any] | None:
-    """Restore model, optimizer, scheduler and RNG from ``last.safetensors`` and return the loop
-    state saved with them; ``None`` when there is nothing to resume."""
+            scheduler, scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
+    """Restore model, optimizer, scheduler, gradient scaler (fp16) and RNG from ``last.safetensors``
+    and return the loop state saved with them; ``None`` when there is nothing to resume."""
     if not last_path.exists():
         return None
     tensors, meta = load_tensors(last_path, STATE_FORMAT)
@@ -360,6 +417,8 @@ def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.op
     optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
     if scheduler is not None and meta.get("scheduler"):
         scheduler.load_state_dict(meta["scheduler"])
+    if scaler.is_enabled() and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])  # the loss scale it had reached, not the initial 2^16
     torch.set_rng_state(tensors["rng.torch"])
     state = meta["loop"]
     # The checkpoint, not the log, is the record: a crash between writing the two loses
@@ -437,12 +496,13 @@ def _improved(new: float, best: float | None, higher: bool, min_delta: float) ->
     return delta > min_delta
 
 
-def _save_state(path: Path, model, optimizer, scheduler, loop_state) -> None:
+def _save_state(path: Path, model, optimizer, scheduler, loop_state, scaler: torch.amp.GradScaler | None = None) -> None:
     tensors, optim_meta = optimizer_to_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"format": STATE_FORMAT, "optimizer": optim_meta, "loop": loop_state,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None}
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     save_tensors(path, tensors, meta)
 
 

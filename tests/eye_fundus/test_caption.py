@@ -515,3 +515,31 @@ def test_bleu_constant_scores_always_writing_the_most_frequent_training_caption(
     reordered.fit(list(reversed(train)))
     assert reordered.most_frequent == FREQUENT
     assert ("bleu_constant", "most frequent") in task.headline_metrics()
+
+
+def test_losses_of_bf16_logits_are_fp32_and_equal_the_float64_computation():
+    """Under training.mixed_precision the decoder's logits may come in bf16: both losses upcast
+    them and compute in fp32 (checked against float64 on the same bf16-rounded logits)."""
+    task = make_task(max_length=3)
+    task.fit(["a b", "b"])
+    a, b = task.vocabulary.index("a"), task.vocabulary.index("b")
+    target = task.encode(["a b", "b"])  # SOS a b EOS PAD / SOS b EOS PAD PAD
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 4, 6)).to(torch.bfloat16)
+    exact = logits.double()
+    log_p = exact - torch.logsumexp(exact, -1, keepdim=True)
+    expected_ce = torch.stack([-(log_p[0, 0, a] + log_p[0, 1, b] + log_p[0, 2, EOS]) / 3,
+                               -(log_p[1, 0, b] + log_p[1, 1, EOS]) / 2])
+    ce = task.hard_loss(logits, target)
+    assert ce.dtype == torch.float32
+    torch.testing.assert_close(ce.double(), expected_ce, atol=1e-6, rtol=1e-6)
+
+    tau = 2.0
+    probs = torch.softmax(torch.randn(2, 4, 6), -1)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    log_q = exact / tau - torch.logsumexp(exact / tau, -1, keepdim=True)
+    kl = (probs.double() * (probs.double().log() - log_q)).sum(-1)
+    expected_kl = (kl * mask).sum(1) / mask.sum(1)
+    soft = task.soft_loss(logits, {"probs": probs, "mask": mask}, tau)
+    assert soft.dtype == torch.float32
+    torch.testing.assert_close(soft.double(), expected_kl, atol=1e-6, rtol=1e-6)
