@@ -377,8 +377,8 @@ class EnsembleParams(Params):
     subsets: Union[Literal["all", "proper"], list[list[str]]] = "all"
     loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
     training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
-    #: train all the teachers on one shared stream of batches (one pass over the data per epoch,
-    #: every teacher stepping on each batch) instead of one after the other; the same teachers
+    #: train all the teachers in one pass over the data per epoch (every teacher steps on each
+    #: batch) instead of one after the other; the teachers are the same (see docs/design.md)
     together: bool = False
 
 
