@@ -320,7 +320,7 @@ class Member:
     optimizer: Any = None
     scheduler: Any = None
     metric: str | None = None
-    rng: Tensor | None = None
+    rng: Any = None
     step_losses: Tensor | None = None
 
 
@@ -332,7 +332,8 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
 
     Each batch is drawn, augmented and moved to ``device`` once; then every model still
     training takes its step on it, under its own random state (swapped in and out of torch's
-    global CPU generator, as a run of :func:`fit` alone would have left it), with its own
+    global CPU generator, and the device's on CUDA, as a run of :func:`fit` alone would have
+    left them), with its own
     optimizer. Every model keeps its own ``workdir`` files, written as :func:`fit` writes them:
     a killed run resumes each from its ``last.safetensors``, even at different epochs. A model
     that stopped early is skipped for the remaining epochs and keeps its best epoch.
@@ -349,7 +350,7 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
         torch.manual_seed(hash_seed(m.seed, stage, "init"))
         m.state = (_resume(m.workdir / "last.safetensors", m.workdir / "log.jsonl", m.model, m.optimizer,
                            m.scheduler) or _fresh_state())
-        m.rng = torch.get_rng_state()
+        m.rng = _rng_state(device)
     names = list(dict.fromkeys(t for m in members for t in m.tasks))
     steps = math.ceil(len(train) / params.batch_size)
     row_weights = sampler_weights(train, params.sampler)
@@ -369,19 +370,19 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
             if augment is not None:
                 batch = _augmented(batch, augment, batch_seed, epoch, step)
             for m in group:
-                torch.set_rng_state(m.rng)
+                _set_rng_state(device, m.rng)
                 targets = {t: batch.targets[t] for t in m.tasks}
                 m.step_losses[step] = _train_step(m.model, m.tasks, m.loss_fn, m.optimizer, params, batch.inputs,
                                                   targets, None, 0.0, {}, autocast)
-                m.rng = torch.get_rng_state()
+                m.rng = _rng_state(device)
             step_rows.append(len(batch.index))
             callbacks.on_step()
         for m in group:
-            torch.set_rng_state(m.rng)
+            _set_rng_state(device, m.rng)
             record = _end_epoch(m.model, m.tasks, m.loss_fn, m.val, params, device, m.optimizer, m.scheduler,
                                 m.state, m.metric, m.step_losses[:len(step_rows)], step_rows, stage, epoch,
                                 m.workdir, m.model_meta, None, {})
-            m.rng = torch.get_rng_state()
+            m.rng = _rng_state(device)
             m.step_losses = None
             (m.callbacks or NullCallbacks()).on_epoch_end(epoch, record)
     results = []
@@ -442,6 +443,17 @@ def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.op
     for record in state["history"]:
         append_jsonl(log_path, record)
     return state
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Torch's global CPU generator state, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _augmented(batch: Batch, augment: Callable[[Tensor], Tensor], batch_seed: int | None, epoch: int,
