@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from distillkit.builtin.classification import ClassificationParams, ClassificationTask
 from distillkit.builtin.components import MLPParams, MultiTaskParams, MultiTaskStudent
-from distillkit.checkpoint import load_model_state
+from distillkit.checkpoint import STATE_FORMAT, load_model_state, load_tensors
 from distillkit.cli import cli
 from distillkit.data import SplitData, hash_seed
 from distillkit.losses import KDLoss, KDLossParams
@@ -208,3 +208,29 @@ def test_together_reads_each_training_batch_once(tmp_path, float64, monkeypatch)
     passes.clear()
     _, tog = _together(tasks, train, val, tmp_path / "tog")
     assert passes == list(range(max(r.epochs_run for r in tog)))  # one pass per epoch for all teachers
+
+
+def test_sigkilled_together_stage_resumes_to_the_sequential_teachers(tmp_path):
+    from tests.robustness.support import cli_env, dump_yaml, run_cli
+
+    def config(together):
+        data = toy_config(training={"optimizer": {"kind": "adam", "lr": 0.01}, "batch_size": 32, "epochs": 4,
+                                    "early_stopping": None})
+        data["stages"] = {"teachers": {"kind": "ensemble", "subsets": "all", "together": together}}
+        return dump_yaml(tmp_path / f"{together}.yaml", data)
+
+    env = dict(cli_env(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    args = ["run", str(config(True)), "--out", str(tmp_path / "together"), "--quiet"]
+    # killed just after teacher [cluster] wrote its second epoch, before the others did
+    killed = run_cli(args, env, kill_at="stages/.work/teachers-*/cluster/last.safetensors#2@after")
+    assert killed.returncode == -9, killed.stderr
+    work = next((tmp_path / "together" / "stages" / ".work").glob("teachers-*"))
+    epochs = [load_tensors(work / s / "last.safetensors", STATE_FORMAT)[1]["loop"]["epoch"]
+              for s in ("cluster", "quadrant", "cluster+quadrant")]
+    assert epochs == [2, 1, 1]
+    assert run_cli(args, env).returncode == 0
+    sequential = run_cli(["run", str(config(False)), "--out", str(tmp_path / "sequential"), "--quiet"], env)
+    assert sequential.returncode == 0, sequential.stderr
+    results = [json.loads((tmp_path / mode / "stages" / "teachers" / "stage.json").read_text())["result"]
+               for mode in ("together", "sequential")]
+    assert results[0] == results[1]
