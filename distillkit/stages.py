@@ -27,7 +27,7 @@ from distillkit.models import as_teacher, attach_input_transform, build_student,
 from distillkit.rundir import RunLayout
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
                                         route_teachers)
-from distillkit.training import evaluate, fit
+from distillkit.training import Member, evaluate, fit, fit_together
 
 
 @dataclass
@@ -194,8 +194,34 @@ def _evaluate_splits(ctx: StageContext, model, tasks, loss_fn, batch_size: int,
 
 
 def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[str], params: Any, workdir: Path,
-               init: str | None, teachers: list[Teacher] | None = None) -> tuple[ModelRecord, dict[str, Any]]:
+               init: str | None, teachers: list[Teacher] | None = None,
+               batch_seed: int | None = None) -> tuple[ModelRecord, dict[str, Any]]:
     """Train (or distill into) one student and save it; the common core of every training stage."""
+    one = _prepare_one(ctx, stage, label, task_names, params, init, teachers)
+    with reading_features(one.readers):
+        fit(one.model, one.tasks, one.loss_fn, one.splits[one.train_name], one.splits["val"], params.training,
+            device=ctx.device, seed=hash_seed(ctx.config.seed, stage, label), workdir=workdir,
+            callbacks=ctx.callbacks(label), stage=stage, model_meta=one.meta, batch_seed=batch_seed, **one.kw)
+        return _finish_one(ctx, one, label, params, workdir)
+
+
+@dataclass
+class _Prepared:
+    """A model about to train, with what :func:`fit` needs for it."""
+
+    model: Student
+    tasks: dict[str, Task]
+    loss_fn: Any
+    meta: dict[str, Any]
+    train_name: str
+    splits: Mapping[str, SplitData]
+    readers: list[Student]
+    kw: dict[str, Any]
+
+
+def _prepare_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[str], params: Any,
+                 init: str | None, teachers: list[Teacher] | None = None) -> _Prepared:
+    """Build (seeded by the stage and label) the model of :func:`_train_one` and its inputs."""
     tasks = {t: ctx.tasks[t] for t in task_names}
     seed = ctx.config.seed
     torch.manual_seed(hash_seed(seed, stage, label, "init"))
@@ -223,15 +249,17 @@ def _train_one(ctx: StageContext, stage: str, label: str, task_names: Sequence[s
         kw = _distill_inputs(ctx, stage, params, tasks, teachers, model, splits, readers)
     if training.augment is not None:
         kw["augment"] = ctx.registries.augmentation.get(training.augment.kind)(training.augment)
+    return _Prepared(model, tasks, loss_fn, meta, train_name, splits, readers, kw)
+
+
+def _finish_one(ctx: StageContext, one: _Prepared, label: str, params: Any,
+                workdir: Path) -> tuple[ModelRecord, dict[str, Any]]:
+    """Save a trained model (whole: the frozen weights travel with it) and evaluate it."""
     path = workdir / "model.safetensors"
-    with reading_features(readers):
-        fit(model, tasks, loss_fn, splits[train_name], splits["val"], training, device=ctx.device,
-            seed=hash_seed(seed, stage, label), workdir=workdir, callbacks=ctx.callbacks(label), stage=stage,
-            model_meta=meta, **kw)
-        save_model(path, model, meta)  # whole: the frozen weights travel with it
-        metrics = _evaluate_splits(ctx, model, tasks, loss_fn, training.eval_batch_size, splits)
-    record = ModelRecord(path=str(path.relative_to(ctx.run_dir)), tasks=list(task_names),
-                         scores=_primary_scores(tasks, metrics["val"]), checksum=file_checksum(path), label=label)
+    save_model(path, one.model, one.meta)
+    metrics = _evaluate_splits(ctx, one.model, one.tasks, one.loss_fn, params.training.eval_batch_size, one.splits)
+    record = ModelRecord(path=str(path.relative_to(ctx.run_dir)), tasks=list(one.tasks),
+                         scores=_primary_scores(one.tasks, metrics["val"]), checksum=file_checksum(path), label=label)
     return record, metrics
 
 
@@ -349,6 +377,9 @@ class EnsembleParams(Params):
     subsets: Union[Literal["all", "proper"], list[list[str]]] = "all"
     loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
     training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
+    #: train all the teachers in one pass over the data per epoch (every teacher steps on each
+    #: batch) instead of one after the other; the teachers are the same (see docs/design.md)
+    together: bool = False
 
 
 class EnsembleStage(Stage):
@@ -385,21 +416,55 @@ class EnsembleStage(Stage):
         return f"train {len(self.subsets(all_tasks))} teachers on labeled data: {subsets}"
 
     def run(self, ctx: StageContext, workdir: Path) -> StageResult:
+        # Every teacher draws the same batches (and augmentations), trained one after the
+        # other or together, so both ways give the same teachers.
+        batch_seed = hash_seed(ctx.config.seed, self.name, "batches")
+        subsets = self.subsets(list(ctx.tasks))
+        if self.params.together:
+            pending = [s for s in subsets if not (workdir / "+".join(s) / "done.json").exists()]
+            if pending:
+                _train_together(ctx, self.name, pending, self.params, workdir, batch_seed)
         result = StageResult()
-        for subset in self.subsets(list(ctx.tasks)):
-            label = f"{self.name}[{'+'.join(subset)}]"
+        for subset in subsets:
+            label = self.label(subset)
             sub = workdir / "+".join(subset)
             done = sub / "done.json"
             if done.exists():  # a finished teacher survives an interrupted ensemble
                 saved = read_json(done)
                 record, metrics = ModelRecord(**saved["record"]), saved["metrics"]
             else:
-                record, metrics = _train_one(ctx, self.name, label, subset, self.params, sub, None)
+                record, metrics = _train_one(ctx, self.name, label, subset, self.params, sub, None,
+                                             batch_seed=batch_seed)
                 write_json(done, {"record": vars(record), "metrics": metrics})
             result.models.append(record)
             for split, m in metrics.items():
                 result.metrics.setdefault(split, {})[label] = m
         return result
+
+    def label(self, subset: Sequence[str]) -> str:
+        return f"{self.name}[{'+'.join(subset)}]"
+
+
+def _train_together(ctx: StageContext, stage: str, subsets: Sequence[Sequence[str]], params: EnsembleParams,
+                    workdir: Path, batch_seed: int) -> None:
+    """Train the teachers of these subsets with :func:`fit_together` and write each one's
+    ``done.json``, as the one-after-the-other loop of :meth:`EnsembleStage.run` does."""
+    labels = [f"{stage}[{'+'.join(s)}]" for s in subsets]
+    prepared = [_prepare_one(ctx, stage, label, subset, params, None) for label, subset in zip(labels, subsets)]
+    members = [Member(one.model, one.tasks, one.loss_fn, one.splits["val"], hash_seed(ctx.config.seed, stage, label),
+                      workdir / "+".join(subset), one.meta, ctx.callbacks(label))
+               for one, label, subset in zip(prepared, labels, subsets)]
+    readers = [r for one in prepared for r in one.readers]
+    # the teachers share the student's encoder config, hence the same frozen-feature view
+    train = prepared[0].splits["train"]
+    with reading_features(readers):
+        fit_together(members, train, params.training, device=ctx.device, batch_seed=batch_seed, stage=stage,
+                     augment=prepared[0].kw.get("augment"),
+                     callbacks=ctx.callbacks(f"{stage} ({len(members)} teachers together)"))
+        for one, label, subset in zip(prepared, labels, subsets):
+            sub = workdir / "+".join(subset)
+            record, metrics = _finish_one(ctx, one, label, params, sub)
+            write_json(sub / "done.json", {"record": vars(record), "metrics": metrics})
 
 
 class DistillParams(Params):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Protocol
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -276,7 +276,8 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         use_labels: bool = True, soft_targets: SoftTargets | None = None, val_soft_targets: SoftTargets | None = None,
         alpha: float = 0.0, tau: Mapping[str, float] | None = None, callbacks: Callbacks | None = None,
         augment: Callable[[Tensor], Tensor] | None = None,
-        stage: str = "stage", model_meta: Mapping[str, Any] | None = None) -> FitResult:
+        stage: str = "stage", model_meta: Mapping[str, Any] | None = None,
+        batch_seed: int | None = None) -> FitResult:
     """Train ``model`` on ``train``; keep the best epoch by the validation metric.
 
     ``workdir`` receives ``last.safetensors`` (model, optimizer, RNG and loop state, written
@@ -286,6 +287,9 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     ``alpha`` (the soft term's weight) and ``tau``; an unlabeled one ``use_labels=False``.
     ``params.mixed_precision`` autocasts the training step's forward pass only: the losses,
     validation and the soft targets run in fp32.
+    ``batch_seed`` (default ``seed``) orders the batches; when given, the augmentation draws
+    from it too rather than from the model's random state, so models that share a
+    ``batch_seed`` see the same augmented batches (:func:`fit_together` relies on this).
     """
     callbacks = callbacks or NullCallbacks()
     tau = dict(tau or {})
@@ -303,6 +307,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
 
     steps = math.ceil(len(train) / params.batch_size)
     row_weights = sampler_weights(train, params.sampler)
+    order_seed = seed if batch_seed is None else batch_seed
     # A run that already stopped early stays stopped: resuming it must not train on.
     first_epoch = params.epochs if _stopped(es, state) else state["epoch"]
     for epoch in range(first_epoch, params.epochs):
@@ -312,46 +317,20 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         # host synchronisation); the epoch's sums and any NaN step are read once, at its end.
         step_losses = torch.zeros(steps, 1 + len(tasks), device=device)
         step_rows: list[int] = []
-        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                                     row_weights=row_weights,
+        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=order_seed,
+                                                     epoch=epoch, row_weights=row_weights,
                                                      device=device, tasks=list(tasks) if use_labels else None)):
             if augment is not None:  # before the teachers: they must see the same view
-                batch = Batch(batch.index, augment(batch.inputs), batch.targets)
+                batch = _augmented(batch, augment, batch_seed, epoch, step)
             targets = batch.targets if use_labels else None
             soft = soft_targets(batch) if soft_targets is not None else None
-            inputs = laid_out(batch.inputs, params.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
-            # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
-            # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
-            loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if params.grad_clip:
-                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
-            scaler.update()
-            step_losses[step] = torch.stack([loss.detach(), *(parts[t] for t in tasks)])
+            step_losses[step] = _train_step(model, tasks, loss_fn, optimizer, scaler, params, batch.inputs,
+                                            targets, soft, alpha, tau, amp_dtype)
             step_rows.append(len(batch.index))
             callbacks.on_step()
-        if scheduler is not None:
-            scheduler.step()
-        losses = _check_finite(model, step_losses[:len(step_rows)], steps, stage, epoch, last_path, workdir)
-
-        val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
-                               val_soft_targets, tau) if len(val) else {}
-        record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
-        if _track_best(state, metric, val_metrics, tasks, record, es.min_delta if es else 0.0):
-            state["best_epoch"] = epoch
-            state["bad_epochs"] = 0
-            save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        state["history"].append(record)
-        _save_state(last_path, model, optimizer, scheduler, state, scaler)
-        append_jsonl(log_path, record)
+        record = _end_epoch(model, tasks, loss_fn, val, params, device, optimizer, scheduler, scaler, state, metric,
+                            step_losses[:len(step_rows)], step_rows, stage, epoch, workdir, model_meta,
+                            val_soft_targets, tau)
         callbacks.on_epoch_end(epoch, record)
         if _stopped(es, state):
             break
@@ -359,6 +338,99 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     best_state, _ = load_model_state(best_path)
     model.load_state_dict(best_state)
     return FitResult(best_epoch=state["best_epoch"], epochs_run=state["epoch"], history=state["history"])
+
+
+@dataclass
+class Member:
+    """One model trained by :func:`fit_together`: what :func:`fit` takes for it (``seed``,
+    ``workdir``, ``val``, ``stage`` as there), and its loop state while it trains."""
+
+    model: Student
+    tasks: Mapping[str, Task]
+    loss_fn: Loss
+    val: SplitData
+    seed: int
+    workdir: Path
+    model_meta: Mapping[str, Any] | None = None
+    callbacks: Callbacks | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    optimizer: Any = None
+    scheduler: Any = None
+    metric: str | None = None
+    rng: Any = None
+    scaler: Any = None
+    step_losses: Tensor | None = None
+
+
+def fit_together(members: Sequence[Member], train: SplitData, params: TrainingParams, *, device: torch.device,
+                 batch_seed: int, stage: str = "stage", augment: Callable[[Tensor], Tensor] | None = None,
+                 callbacks: Callbacks | None = None) -> list[FitResult]:
+    """Supervised training of several models on one batch stream: the same models as calling
+    :func:`fit` on each in turn with this ``batch_seed``, for one pass over the data per epoch.
+
+    Each batch is drawn, augmented and moved to ``device`` once; then every model still
+    training takes its step on it, under its own random state (swapped in and out of torch's
+    global CPU generator, and the device's on CUDA, as a run of :func:`fit` alone would have
+    left them), with its own
+    optimizer. Every model keeps its own ``workdir`` files, written as :func:`fit` writes them:
+    a killed run resumes each from its ``last.safetensors``, even at different epochs. A model
+    that stopped early is skipped for the remaining epochs and keeps its best epoch.
+    ``callbacks`` reports progress over the shared stream; each member's own ``callbacks``
+    receives its ``on_epoch_end``.
+    """
+    callbacks = callbacks or NullCallbacks()
+    es = params.early_stopping
+    amp_dtype = autocast_dtype(params.mixed_precision, device)
+    for m in members:
+        m.metric = _monitored_metric(es, m.tasks, True)
+        m.optimizer, m.scheduler = _placed_with_optimizer(m.model, params, device)
+        m.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one per optimizer
+        m.workdir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(hash_seed(m.seed, stage, "init"))
+        m.state = (_resume(m.workdir / "last.safetensors", m.workdir / "log.jsonl", m.model, m.optimizer,
+                           m.scheduler, m.scaler) or _fresh_state())
+        m.rng = _rng_state(device)
+    names = list(dict.fromkeys(t for m in members for t in m.tasks))
+    steps = math.ceil(len(train) / params.batch_size)
+    row_weights = sampler_weights(train, params.sampler)
+    for epoch in range(params.epochs):
+        # after a kill between two members' checkpoints, some are an epoch ahead: they wait
+        group = [m for m in members if m.state["epoch"] == epoch and not _stopped(es, m.state)]
+        if not group:
+            continue
+        callbacks.on_epoch_start(epoch, params.epochs, steps)
+        for m in group:
+            m.model.train()
+            m.step_losses = torch.zeros(steps, 1 + len(m.tasks), device=device)
+        step_rows: list[int] = []
+        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=batch_seed,
+                                                     epoch=epoch, row_weights=row_weights, device=device,
+                                                     tasks=names)):
+            if augment is not None:
+                batch = _augmented(batch, augment, batch_seed, epoch, step)
+            for m in group:
+                _set_rng_state(device, m.rng)
+                targets = {t: batch.targets[t] for t in m.tasks}
+                m.step_losses[step] = _train_step(m.model, m.tasks, m.loss_fn, m.optimizer, m.scaler, params,
+                                                  batch.inputs, targets, None, 0.0, {}, amp_dtype)
+                m.rng = _rng_state(device)
+            step_rows.append(len(batch.index))
+            callbacks.on_step()
+        for m in group:
+            _set_rng_state(device, m.rng)
+            record = _end_epoch(m.model, m.tasks, m.loss_fn, m.val, params, device, m.optimizer, m.scheduler,
+                                m.scaler, m.state, m.metric, m.step_losses[:len(step_rows)], step_rows, stage, epoch,
+                                m.workdir, m.model_meta, None, {})
+            m.rng = _rng_state(device)
+            m.step_losses = None
+            (m.callbacks or NullCallbacks()).on_epoch_end(epoch, record)
+    results = []
+    for m in members:
+        best_state, _ = load_model_state(m.workdir / "best.safetensors")
+        m.model.load_state_dict(best_state)
+        results.append(FitResult(best_epoch=m.state["best_epoch"], epochs_run=m.state["epoch"],
+                                 history=m.state["history"]))
+    return results
 
 
 # -- the loop's named steps --------------------------------------------------------------------
@@ -427,6 +499,82 @@ def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.op
     for record in state["history"]:
         append_jsonl(log_path, record)
     return state
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Torch's global CPU generator state, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _augmented(batch: Batch, augment: Callable[[Tensor], Tensor], batch_seed: int | None, epoch: int,
+               step: int) -> Batch:
+    """The batch as ``augment`` changes it: drawn from the model's random state, or with a
+    ``batch_seed`` from a generator of its own (seeded by it, the epoch and the step)."""
+    if batch_seed is None:
+        return Batch(batch.index, augment(batch.inputs), batch.targets)
+    devices = [batch.inputs.device] if batch.inputs.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(hash_seed(batch_seed, "augment", epoch, step))
+        return Batch(batch.index, augment(batch.inputs), batch.targets)
+
+
+def _train_step(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, params: TrainingParams, inputs: Tensor, targets, soft, alpha: float,
+                tau: Mapping[str, float], amp_dtype: torch.dtype | None) -> Tensor:
+    """One optimizer step on a batch; the step's loss and per-task parts (on the device).
+
+    ``amp_dtype`` (from :func:`autocast_dtype`) autocasts the forward pass only; ``scaler`` is
+    the fp16 gradient scaler (disabled otherwise, when it passes the plain step through).
+    """
+    inputs = laid_out(inputs, params.channels_last)
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
+    # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
+    # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
+    loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if params.grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+    scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
+    scaler.update()
+    return torch.stack([loss.detach(), *(parts[t] for t in tasks)])
+
+
+def _end_epoch(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, val: SplitData, params: TrainingParams,
+               device: torch.device, optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+               state: dict[str, Any], metric: str | None,
+               step_losses: Tensor, step_rows: list[int], stage: str, epoch: int, workdir: Path,
+               model_meta: Mapping[str, Any] | None, val_soft_targets: SoftTargets | None,
+               tau: Mapping[str, float]) -> dict[str, Any]:
+    """After an epoch's steps: the finite check, validation, early-stopping bookkeeping and the
+    epoch's files (``best``, ``last``, the log line); returns the log record."""
+    es = params.early_stopping
+    last_path, best_path = workdir / "last.safetensors", workdir / "best.safetensors"
+    if scheduler is not None:
+        scheduler.step()
+    losses = _check_finite(model, step_losses, len(step_losses), stage, epoch, last_path, workdir)
+    val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
+                           val_soft_targets, tau) if len(val) else {}
+    record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
+    if _track_best(state, metric, val_metrics, tasks, record, es.min_delta if es else 0.0):
+        state["best_epoch"] = epoch
+        state["bad_epochs"] = 0
+        save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    state["history"].append(record)
+    _save_state(last_path, model, optimizer, scheduler, state, scaler)
+    append_jsonl(workdir / "log.jsonl", record)
+    return record
 
 
 def _stopped(es: EarlyStoppingParams | None, state: Mapping[str, Any]) -> bool:

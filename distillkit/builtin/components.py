@@ -43,7 +43,8 @@ class MLPEncoder(Encoder):
         self.out_features = params.hidden
 
     def preprocess(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.flatten(1).float()
+        # the layers' dtype: float32, or float64 for a model made double (exactness tests)
+        return inputs.flatten(1).to(self.net[0].weight.dtype)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         # Slices of ``net`` (the same modules), so state-dict keys stay ``net.<i>.*``.
