@@ -234,3 +234,59 @@ def test_sigkilled_together_stage_resumes_to_the_sequential_teachers(tmp_path):
     results = [json.loads((tmp_path / mode / "stages" / "teachers" / "stage.json").read_text())["result"]
                for mode in ("together", "sequential")]
     assert results[0] == results[1]
+
+
+def test_together_honours_bf16_and_channels_last_like_fit(tmp_path):
+    """Teachers trained together take the same training step as fit: the forward autocast to
+    bf16 on channels_last image batches, the losses on fp32 logits, and the same weights as
+    fit gives each teacher alone under the same settings."""
+    from tests.core.test_mixed_precision import _conv_student, _split as image_split, _tasks as image_tasks
+
+    tasks = image_tasks()
+    g = torch.Generator().manual_seed(0)
+    train = image_split(tasks, torch.randn(48, 3, 8, 8, generator=g), "train")
+    val = image_split(tasks, torch.randn(16, 3, 8, 8, generator=g), "val")
+
+    def params(**kw):
+        return TrainingParams(optimizer=OptimizerParams(kind="adam", lr=0.01, weight_decay=0.0), batch_size=16,
+                              eval_batch_size=16, epochs=3, early_stopping=None, **kw)
+
+    def teachers():
+        models = [_conv_student(tasks, seed=s) for s in (1, 2)]
+        seen = []
+        for i, model in enumerate(models):
+            model.encoder.conv1[0].register_forward_hook(
+                lambda m, inp, out, i=i: seen.append(
+                    (i, out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last))) if m.training else None)
+        return models, seen
+
+    def members(models, root):
+        return [Member(m, tasks, KDLoss(KDLossParams()), val, hash_seed("teacher", i), root / str(i))
+                for i, m in enumerate(models)]
+
+    fast = params(mixed_precision="bf16", channels_last=True)
+    seq_models, seq_seen = teachers()
+    seq = [fit(m, tasks, KDLoss(KDLossParams()), train, val, fast, device=CPU, seed=hash_seed("teacher", i),
+               workdir=tmp_path / "seq" / str(i), stage="teachers", batch_seed=BATCH_SEED)
+           for i, m in enumerate(seq_models)]
+    tog_models, tog_seen = teachers()
+    tog = fit_together(members(tog_models, tmp_path / "tog"), train, fast, device=CPU, batch_seed=BATCH_SEED,
+                       stage="teachers")
+    # every training forward of every teacher ran in bf16 on a channels_last batch
+    assert {(dtype, layout) for _, dtype, layout in tog_seen} == {(torch.bfloat16, True)}
+    assert sorted({i for i, _, _ in tog_seen}) == [0, 1] and len(tog_seen) == len(seq_seen) == 2 * 3 * 3
+    assert all(m.encoder.conv1[0].weight.is_contiguous(memory_format=torch.channels_last) for m in tog_models)
+    for i in range(2):
+        assert (tmp_path / "seq" / str(i) / "log.jsonl").read_text() == \
+               (tmp_path / "tog" / str(i) / "log.jsonl").read_text()
+        a, b = seq_models[i].state_dict(), tog_models[i].state_dict()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (i, key)
+    assert [r.history for r in seq] == [r.history for r in tog]
+    # the precision really changed the arithmetic: fp32 teachers trained together end elsewhere
+    plain_models, plain_seen = teachers()
+    fit_together(members(plain_models, tmp_path / "plain"), train, params(), device=CPU, batch_seed=BATCH_SEED,
+                 stage="teachers")
+    assert {(dtype, layout) for _, dtype, layout in plain_seen} == {(torch.float32, False)}
+    assert not torch.equal(plain_models[0].state_dict()["encoder.conv1.0.weight"],
+                           tog_models[0].state_dict()["encoder.conv1.0.weight"])
