@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Params, Task
+from distillkit.io import file_digests
 
 Tensor = torch.Tensor
 SPLITS = ("train", "val", "test", "unlabeled")
@@ -78,22 +79,110 @@ class DatasetSource(ABC):
         self.params = params
         self.context = context
 
+    #: file suffixes (lower case, with the dot) ``distillkit predict`` keeps when it expands a
+    #: folder given as input; empty: every file
+    input_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: what ``distillkit predict --json`` calls one input (e.g. ``image``)
+    input_kind: ClassVar[str] = "file"
+
     @abstractmethod
     def load(self) -> Dataset: ...
 
     def fingerprint(self) -> str:
-        """Identifies the data for stage hashes and caches; override to include file contents."""
-        return hashlib.sha256(self.params.model_dump_json().encode()).hexdigest()[:16]
+        """Identifies the data for stage keys and caches: a value that changes whenever
+        :meth:`load` could return other data.
+
+        By default: the params, and the bytes of every file of :meth:`data_files` (digests
+        cached by path, size and mtime in ``<cache_dir>/file_hashes.json``, so an unchanged
+        file is not read again). Override it when the data also depends on something else
+        (a server, a database, files the params do not name), or :meth:`data_files` when the
+        files read are not the ones the params name.
+        """
+        digest = hashlib.sha256(self.params.model_dump_json().encode())
+        files = self.data_files()
+        if not files:
+            return digest.hexdigest()[:16]  # the value it always had: existing stage keys stay valid
+        for (name, _), content in zip(files, file_digests([p for _, p in files], self.context.cache_dir)):
+            digest.update(f"\0{name}\0{content}".encode())
+        return digest.hexdigest()[:16]
+
+    def data_files(self) -> list[tuple[str, Path]]:
+        """The files whose bytes enter :meth:`fingerprint`, each with the name it enters under.
+
+        By default every string in the params (at any depth) that names an existing file,
+        relative paths resolved against the config's folder; a folder named so stands for
+        every file under it (hidden ones aside), each under its path inside the folder. The
+        config's folder, its parents and the data cache are never read this way.
+        """
+        base = Path(self.context.base_dir).resolve()
+        cache = Path(self.context.cache_dir).resolve()
+        out: dict[str, Path] = {}
+        for value in _strings(self.params.model_dump()):
+            if not value.strip() or len(value) > 4096 or "\n" in value or "\0" in value:
+                continue
+            path = Path(value).expanduser()
+            path = (path if path.is_absolute() else base / path).resolve()
+            try:
+                is_file, is_dir = path.is_file(), path.is_dir()
+            except OSError:
+                continue
+            if is_file and cache not in path.parents:
+                out.setdefault(value, path)
+            elif is_dir and path not in (base, *base.parents) and cache not in (path, *path.parents):
+                # a folder holding the data cache is read without it (the cache changes as it runs)
+                for item in sorted(path.rglob("*")):
+                    rel = item.relative_to(path)
+                    if (item.is_file() and not any(part.startswith(".") for part in rel.parts)
+                            and cache not in item.parents):
+                        out.setdefault(f"{value}/{rel.as_posix()}", item)
+        return sorted(out.items())
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """User files -> model inputs, one row per file in order, stored exactly as :meth:`load`
+        stores its inputs (dtype and shape of a row); used by ``distillkit predict``.
+
+        The fitted input transform is not applied here: it travels in the model file and the
+        model applies it. A file that cannot be read raises :class:`DistillkitError` naming it.
+        The default refuses: a source reads files only if it says how.
+        """
+        raise DistillkitError(f"the dataset source '{self.params.kind}' cannot read inputs from files, so "
+                              f"its models cannot predict for files.", where="data.kind",
+                              hint=f"Its plugin can implement {type(self).__name__}.load_inputs(paths).")
+
+    def fit_input_transform(self, train_inputs: Tensor) -> dict[str, Tensor] | None:
+        """A transform of raw inputs fitted on the training split's inputs (never validation,
+        test or the pool), e.g. standardisation: ``{"shift": mean, "scale": std}`` per feature,
+        applied as ``(x - shift) / scale`` (:class:`distillkit.interfaces.InputTransform`).
+
+        Called by the runner once the data is split, before the first stage. The tensors are
+        saved in every model file of the run and applied wherever a model reads raw inputs.
+        The default, ``None``, transforms nothing.
+        """
+        return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a params dump (mappings and lists searched), component names aside."""
+    if isinstance(value, (str, Path)):
+        yield str(value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if key != "kind":
+                yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 class SplitParams(Params):
     """Patient-level split of the labeled items; the rest forms the unlabeled pool."""
 
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1,
+                       description="fraction of the labeled groups (patients) in the validation split")
+    test: float = Field(0.15, gt=0, lt=1, description="fraction of the labeled groups (patients) in the test split")
     #: p: the fraction of the labeled data used for training (the paper's 0.15 ... 0.70)
     train_fraction: float = Field(0.70, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random split (the same seed gives the same patients in each split)")
     #: labeled items left out of training (when p < 1 - val - test) join the unlabeled pool, labels dropped
     unused_to_unlabeled: bool = True
 
@@ -226,7 +315,10 @@ class SplitData:
     indices: np.ndarray  # into the Dataset
     inputs: Tensor
     targets: dict[str, dict[str, Tensor]] | None = None
+    #: every label field's raw values (labeled splits only), e.g. for ``group_by`` a field
     raw_labels: dict[str, list[str | None]] = field(default_factory=dict)
+    #: each row's group id (e.g. its patient)
+    groups: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -255,9 +347,9 @@ def prepare_splits(dataset: Dataset, params: SplitParams, tasks: Mapping[str, Ta
     for split in SPLITS:
         rows = idx[split]
         inputs = dataset.inputs[torch.from_numpy(rows)] if len(rows) else dataset.inputs[:0]
-        data = SplitData(split, rows, inputs.contiguous())
+        data = SplitData(split, rows, inputs.contiguous(), groups=[dataset.groups[i] for i in rows])
         if split != "unlabeled":
-            data.raw_labels = {t.field: [dataset.labels[t.field][i] for i in rows] for t in tasks.values()}
+            data.raw_labels = {f: [values[i] for i in rows] for f, values in dataset.labels.items()}
             data.targets = {
                 name: task.encode(data.raw_labels[task.field], where=f"{dataset.source} ({split} split)")
                 for name, task in tasks.items()

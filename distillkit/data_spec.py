@@ -125,9 +125,9 @@ class LoadedData:
                 f"have (fields: {', '.join(sorted(dataset.labels)) or 'none'}).", where=self.where)
         rows = self.rows(split)
         inputs = dataset.inputs[torch.from_numpy(rows)] if len(rows) else dataset.inputs[:0]
-        data = SplitData(split, rows, inputs.contiguous())
+        data = SplitData(split, rows, inputs.contiguous(), groups=[dataset.groups[i] for i in rows])
         if split != "unlabeled":
-            data.raw_labels = {t.field: [dataset.labels[t.field][i] for i in rows] for t in tasks.values()}
+            data.raw_labels = {f: [values[i] for i in rows] for f, values in dataset.labels.items()}
             data.targets = {name: task.encode(data.raw_labels[task.field], where=f"{dataset.source} ({split} split)")
                             for name, task in tasks.items()}
         return data

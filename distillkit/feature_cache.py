@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -87,7 +87,7 @@ def frozen_encoder_params(student_params: Any, registries: Any) -> dict[str, Enc
     """The student's nested encoders (by field) whose params freeze blocks."""
     student_cls = registries.student.get(student_params.kind)
     found = {}
-    for field, kind in getattr(student_cls, "nested", {}).items():
+    for field, kind in student_cls.nested.items():
         params = getattr(student_params, field, None)
         if kind == "encoder" and isinstance(params, EncoderParams) and params.freeze != "none":
             found[field] = params
@@ -150,10 +150,13 @@ def reading_features(models: Sequence[Student]) -> Iterator[None]:
 
 # -- the cache ------------------------------------------------------------------------------
 
-def cache_key(prefix: FrozenPrefix, split: SplitData, data_fingerprint: str, storage: str) -> str:
+def cache_key(prefix: FrozenPrefix, split: SplitData, data_fingerprint: str, storage: str,
+              plugins: Mapping[str, str] | None = None) -> str:
     """Identifies the frozen features of one split: a key that left out any of these would
-    hand a stage features of other images, rows or weights."""
+    hand a stage features of other images, rows or weights, or of an older encoder's code
+    (``plugins``: name -> version of the plugins whose code computes them)."""
     description = {
+        "plugins": dict(sorted((plugins or {}).items())),
         "format": CACHE_FORMAT, "encoder": prefix.encoder, "blocks": prefix.blocks, "weights": prefix.checksum,
         "data": data_fingerprint, "split": split.name, "rows": hashlib.sha256(split.indices.tobytes()).hexdigest(),
         "inputs": [list(split.inputs.shape[1:]), str(split.inputs.dtype)], "storage": storage,
@@ -165,7 +168,7 @@ class FeatureCache:
     """The frozen-feature views of a run's splits, stored under ``root`` (one folder per key)."""
 
     def __init__(self, root: Path, data_fingerprint: str, storage: str = "fp32", batch_size: int = 256,
-                 device: torch.device | str = "cpu", progress=None):
+                 device: torch.device | str = "cpu", progress=None, plugins: Mapping[str, str] | None = None):
         if storage not in ("fp32", "fp16"):
             raise ValueError(f"feature storage must be fp32 or fp16, not {storage!r}")
         self.root = Path(root)
@@ -174,6 +177,7 @@ class FeatureCache:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.progress = progress  # label -> fit-style callbacks, or None
+        self.plugins = dict(plugins or {})  # the encoder's plugin and version, part of every key
 
     def view(self, encoder: Encoder, split: SplitData) -> SplitData:
         """``split`` with ``inputs`` replaced by the frozen part's output, row for row."""
@@ -182,14 +186,14 @@ class FeatureCache:
             raise ValueError("the encoder freezes no block")
         if len(split) == 0:
             return split  # no batch is ever drawn from it
-        directory = self.root / cache_key(prefix, split, self.data_fingerprint, self.storage)
+        directory = self.root / cache_key(prefix, split, self.data_fingerprint, self.storage, self.plugins)
         features = _load(directory)
         if features is None:
             features = self._build(encoder, split, directory)
         if len(features) != len(split):
             raise DistillkitError(f"the feature cache {directory} holds {len(features)} rows for the "
                                   f"{len(split)} of the {split.name} split; delete it.", where=str(directory))
-        return SplitData(split.name, split.indices, features, split.targets, split.raw_labels)
+        return SplitData(split.name, split.indices, features, split.targets, split.raw_labels, split.groups)
 
     def _build(self, encoder: Encoder, split: SplitData, directory: Path) -> Tensor:
         _remove_stale_builds(directory)

@@ -14,7 +14,8 @@ The score of a task:
   the prediction as the label. For the caption task that is the mean log-probability of the
   greedy-decoded words and EOS; a positive factor per image (mean instead of sum) does not
   change a map once it is normalised;
-* a task may define ``gradcam_score(head, features, target_index) -> (B,)`` to choose its own.
+* a task overrides :meth:`~distillkit.interfaces.Task.gradcam_score` to choose its own (the
+  two cases above are its default).
 
 The encoder is not asked for its feature map: forward hooks on all of its submodules keep
 the last 4-D output with more than one spatial position (for a ResNet ``layer4``, for the
@@ -85,20 +86,5 @@ def gradcam(model: Student, task: Task, images: Tensor, target_index: int | Sequ
 
 
 def _score(task: Task, head: torch.nn.Module, features: Tensor, target_index) -> Tensor:
-    """One differentiable score per image (see the module docstring)."""
-    custom = getattr(task, "gradcam_score", None)
-    if custom is not None:
-        return custom(head, features, target_index)
-    with torch.no_grad():
-        prediction = task.predict(head, features.detach())
-    if "probs" in prediction:
-        logits = task.forward(head, features)
-        if target_index is None:
-            index = prediction["probs"].argmax(-1)
-        else:
-            index = torch.as_tensor(target_index, device=logits.device).long().expand(logits.shape[0])
-        return logits.gather(-1, index[:, None])[:, 0]
-    target = dict(prediction)
-    target["present"] = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-    logits = task.forward(head, features, target, train=False)
-    return -task.hard_loss(logits, target)
+    """One differentiable score per image: :meth:`~distillkit.interfaces.Task.gradcam_score`."""
+    return task.gradcam_score(head, features, target_index)

@@ -94,14 +94,6 @@ def register_losses(register):
 
 
 @hookspec
-def register_metrics(register):
-    """Register metric functions usable by tasks and reports.
-
-    :param register: ``register(name, metric_callable)``.
-    """
-
-
-@hookspec
 def register_stages(register):
     """Register stage kinds (train, distill, ensemble, evaluate are built in).
 

@@ -5,9 +5,11 @@ Vocabulary used throughout:
 * **features**: what a student's shared encoder produces for a batch, ``(B, D)``.
 * **target**: a task's encoded labels for a batch, a dict of tensors that always holds
   ``"present"`` (``(B,)`` bool: the row has a label for this task).
-* **soft target**: a task's aggregated teacher output for a batch at temperature ``tau``, a
-  dict of tensors that always holds ``"probs"`` (a distribution over the last axis). It may
-  hold more, e.g. the token prefix a sequence task decoded.
+* **soft target**: a task's aggregated teacher output for a batch (at temperature ``tau`` for
+  a task that has one), a dict of tensors. A task declares its keys in
+  :attr:`Task.soft_target_kinds`: a classification task returns ``"probs"`` (a distribution
+  over the last axis), a regression task ``"mean"`` (plain values); it may hold more, e.g. the
+  token prefix a sequence task decoded.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from distillkit.errors import DistillkitError
 
 Tensor = torch.Tensor
 
@@ -54,6 +58,20 @@ class Task(ABC):
     Params: ClassVar[type[Params]]
     #: the metric (a key of :meth:`MetricAccumulator.compute`) used to rank models and teachers
     primary_metric: ClassVar[str] = "accuracy"
+    #: which way each metric improves: ``"max"`` (higher is better) or ``"min"`` (lower is
+    #: better, e.g. ``{"rmse": "min"}``); a metric not listed is ``"max"``. Early stopping,
+    #: ``temperature: auto``, the ``val_score`` policy and the report follow it.
+    metric_directions: ClassVar[dict[str, str]] = {}
+    #: what each tensor :meth:`soft_target` returns is, for the teacher-output cache:
+    #: ``"distribution"`` (probabilities over the last axis: stored as the stage's
+    #: ``teacher_outputs.storage`` says, renormalised after fp16 or top-k), ``"value"`` (plain
+    #: numbers, stored exactly in fp32) or ``"value_fp16"`` (plain numbers the task allows to be
+    #: rounded to fp16 when the storage is fp16 or topk). Every declared key must be returned;
+    #: other keys (e.g. integer tokens) are stored as they are.
+    soft_target_kinds: ClassVar[dict[str, str]] = {"probs": "distribution"}
+    #: the task's soft targets are tempered: ``temperature`` applies to it and the KD loss
+    #: scales its soft term by tau^2. A task without one (regression) refuses a temperature.
+    uses_temperature: ClassVar[bool] = True
 
     def __init__(self, name: str, params: Params):
         self.name = name
@@ -113,7 +131,8 @@ class Task(ABC):
 
     @abstractmethod
     def soft_loss(self, logits: Tensor, soft: Mapping[str, Tensor], tau: float) -> Tensor:
-        """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2."""
+        """Per-row KL(teacher_tau || student_tau), ``(B,)``, *not* yet scaled by tau^2 (a task
+        without a temperature returns its own distance, e.g. squared error, and gets tau = 1)."""
 
     @abstractmethod
     def soft_target(self, heads: Sequence[nn.Module], features: Sequence[Tensor], weights: Sequence[float],
@@ -136,11 +155,57 @@ class Task(ABC):
         """One line for plans and tables, e.g. ``classification over 5 classes``."""
         return type(self).__name__
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class list learned by :meth:`fit`: entry ``i`` names column ``i`` of the
+        prediction's ``probs``. ``None`` (the default) for a task without classes (text,
+        regression); per-group evaluation, reports and predictions need a class list."""
+        return None
+
+    @property
+    def topk(self) -> tuple[int, ...]:
+        """The ``k`` of the top-k accuracies the task reports (metric ``top<k>``); predictions
+        show ``max(topk)`` classes. Default ``()``: the task reports no top-k accuracy."""
+        return ()
+
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        """``(metric key, column title)`` of the task's columns in summary tables.
+
+        Default: the primary metric, then ``top<k>`` for every ``k > 1`` of :attr:`topk`."""
+        return [(self.primary_metric, self.primary_metric)] + [(f"top{k}", f"top-{k}") for k in self.topk if k > 1]
+
+    def decode_text(self, tokens: Tensor | Sequence[Sequence[int]]) -> list[str] | None:
+        """Token rows (a prediction's ``tokens``) -> one string per row, for a task that
+        generates text. Default ``None``: the task produces no text."""
+        return None
+
+    def gradcam_score(self, head: nn.Module, features: Tensor, target_index: Any = None) -> Tensor:
+        """One differentiable score per row, ``(B,)``, that Grad-CAM explains
+        (:func:`distillkit.gradcam.gradcam`).
+
+        Default: when the prediction holds ``probs``, the logit of ``target_index`` (one
+        class for all rows or one per row; ``None``: the predicted class); otherwise the
+        log-likelihood of the model's own prediction, teacher-forced, i.e. minus
+        :meth:`hard_loss` with the prediction as the label."""
+        with torch.no_grad():
+            prediction = self.predict(head, features.detach())
+        if "probs" in prediction:
+            logits = self.forward(head, features)
+            if target_index is None:
+                index = prediction["probs"].argmax(-1)
+            else:
+                index = torch.as_tensor(target_index, device=logits.device).long().expand(logits.shape[0])
+            return logits.gather(-1, index[:, None])[:, 0]
+        target = dict(prediction)
+        target["present"] = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        logits = self.forward(head, features, target, train=False)
+        return -self.hard_loss(logits, target)
+
 
 class FreezeUntil(Params):
     """Freeze the encoder's blocks up to and including ``until`` (a name from :meth:`Encoder.blocks`)."""
 
-    until: str
+    until: str = Field(description="the last frozen block (a name from the encoder's blocks)")
 
 
 class EncoderParams(Params):
@@ -175,19 +240,25 @@ class Encoder(nn.Module):
         """Stored inputs -> what the first block takes (e.g. uint8 pixels -> normalised floats)."""
         return inputs
 
+    def transform_inputs(self, inputs: Tensor) -> Tensor:
+        """Raw inputs through the run's fitted :class:`InputTransform`, if the encoder holds one
+        (as its ``input_transform`` submodule, saved with its weights); runs before :meth:`preprocess`."""
+        transform = self._modules.get("input_transform")
+        return inputs if transform is None else transform(inputs)
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The encoder's blocks in order, each with a name a ``freeze: {until: ...}`` can give."""
         raise NotImplementedError(f"{type(self).__name__} does not list its blocks")
 
     def forward(self, inputs: Tensor) -> Tensor:
-        x = self.preprocess(inputs)
+        x = self.preprocess(self.transform_inputs(inputs))
         for _, block in self.blocks():
             x = block(x)
         return x
 
     def forward_frozen(self, inputs: Tensor) -> Tensor:
         """Raw inputs -> the output of the frozen part (what the feature cache stores)."""
-        x = self.preprocess(inputs)
+        x = self.preprocess(self.transform_inputs(inputs))
         for _, block in self.blocks()[:self.frozen_blocks]:
             x = block(x)
         return x
@@ -211,16 +282,58 @@ class Encoder(nn.Module):
         return self
 
 
+class InputTransform(nn.Module):
+    """``(x - shift) / scale`` on raw inputs, with tensors fitted on the training split only
+    (:meth:`distillkit.data.DatasetSource.fit_input_transform`, e.g. every feature's mean and
+    standard deviation). ``shift`` and ``scale`` broadcast against one input row; they are
+    buffers of the encoder, so they travel in every model file and apply wherever the model
+    reads raw inputs: training, evaluation, teachers, ``distillkit eval`` and ``predict``."""
+
+    KEYS = ("shift", "scale")
+
+    def __init__(self, state: Mapping[str, Any], where: str = "fit_input_transform"):
+        super().__init__()
+        if not isinstance(state, Mapping) or set(state) != set(self.KEYS):
+            raise DistillkitError(f"an input transform is a dict with exactly the tensors 'shift' and 'scale', "
+                                  f"not {sorted(state) if isinstance(state, Mapping) else type(state).__name__}.",
+                                  where=where)
+        shift = torch.as_tensor(state["shift"], dtype=torch.float32).detach().clone()
+        scale = torch.as_tensor(state["scale"], dtype=torch.float32).detach().clone()
+        if not (bool(torch.isfinite(shift).all()) and bool(torch.isfinite(scale).all()) and bool((scale != 0).all())):
+            raise DistillkitError("the input transform's 'shift' and 'scale' must be finite and 'scale' nonzero "
+                                  "(a constant feature has standard deviation 0: use 1 for it).", where=where)
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return (inputs.float() - self.shift) / self.scale
+
+    def state(self) -> dict[str, Tensor]:
+        return {"shift": self.shift, "scale": self.scale}
+
+
 class Student(nn.Module):
     """A shared encoder with one head per task, for any subset of tasks."""
 
     Params: ClassVar[type[Params]]
+    #: fields of :attr:`Params` that hold nested components -> their registry kind; the
+    #: config validates each with that kind's own Params (e.g. ``{"encoder": "encoder"}``)
+    nested: ClassVar[dict[str, str]] = {}
 
     def __init__(self, encoder: Encoder, tasks: Mapping[str, Task]):
         super().__init__()
         self.encoder = encoder
         self.task_names = tuple(tasks)
         self.heads = nn.ModuleDict({name: task.build_head(encoder.out_features) for name, task in tasks.items()})
+
+    @classmethod
+    def build(cls, params: Params, tasks: Mapping[str, Task], registries: Any) -> "Student":
+        """A student of this class for ``tasks`` (fitted) from its validated ``params``.
+
+        Default: the encoder that ``params.encoder`` names (a nested component, see
+        :attr:`nested`) and one head per task. Override it for another architecture."""
+        encoder_params = params.encoder  # type: ignore[attr-defined]
+        return cls(registries.encoder.get(encoder_params.kind)(encoder_params), tasks)
 
     def features(self, inputs: Tensor) -> Tensor:
         """Encoder output for raw inputs, or for cached frozen features while ``reads_features``."""
@@ -246,6 +359,9 @@ class Teacher:
     #: what each task learned from its training labels (:meth:`Task.state`: class list,
     #: vocabulary); a teacher's outputs line up with a student's only when these match
     task_states: dict[str, Any] = field(default_factory=dict)
+    #: per task, the direction of its score (``"max"`` or ``"min"``, see
+    #: :mod:`distillkit.metric_direction`); a task not listed is ``"max"``
+    score_directions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Eval mode fixes BatchNorm statistics and dropout; no parameter ever gets a gradient.

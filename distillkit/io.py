@@ -6,14 +6,23 @@ renamed over the target, so a crash leaves either the old file or the new one, n
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from distillkit.errors import DistillkitError
+
+log = logging.getLogger(__name__)
+
+#: where :func:`file_digests` keeps its digests, inside the data cache folder
+FILE_HASHES = "file_hashes.json"
+_SETTLED_NS = 2_000_000_000  # a file's digest is cached once it is this old
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -89,3 +98,55 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(_jsonable(record)) + "\n")
         fh.flush()
+
+
+def file_digests(paths: Sequence[str | Path], cache_dir: str | Path) -> list[str]:
+    """BLAKE2b of each file's bytes (``"missing"`` for an unreadable file), cached by
+    (resolved path, size, mtime_ns) in ``<cache_dir>/file_hashes.json``: an unchanged file is not read again, a
+    touched one is hashed again (the same bytes give the same digest). Dataset sources use it
+    for their fingerprints (see :meth:`distillkit.data.DatasetSource.fingerprint`)."""
+    cache_file = Path(cache_dir) / FILE_HASHES
+    try:
+        cache = read_json(cache_file) if cache_file.exists() else {}
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    out: list[str] = []
+    changed = False
+    for path in paths:
+        key = str(Path(path).resolve())
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            out.append("missing")
+            continue
+        entry = cache.get(key)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            out.append(str(entry[2]))
+            continue
+        try:
+            digest = _file_digest(path)
+        except OSError:
+            out.append("missing")
+            continue
+        out.append(digest)
+        # A file modified in the last seconds may change again within the file system's mtime
+        # granularity, keeping size and mtime: its digest is not trusted to the cache yet.
+        if time.time_ns() - stat.st_mtime_ns > _SETTLED_NS:
+            cache[key] = [stat.st_size, stat.st_mtime_ns, digest]
+            changed = True
+    if changed:
+        try:
+            write_json(cache_file, cache)
+        except OSError:
+            log.warning("cannot write the file hash cache %s; files will be hashed again next time.", cache_file)
+    return out
+
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

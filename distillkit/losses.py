@@ -75,7 +75,8 @@ class KDLoss(Loss):
                 hard = (ce * present).sum() / denom  # bool * float promotes: no cast needed
                 term = hard if soft is None else (1.0 - alpha) * hard
             if soft is not None:
-                t = float(tau[name])
+                # a task without a temperature (regression) has no tempered softmax to rescale
+                t = float(tau[name]) if task.uses_temperature else 1.0
                 kl = task.soft_loss(z, soft[name], t).mean()  # batchmean
                 soft_term = (t * t) * kl
                 term = soft_term if targets is None else term + alpha * soft_term

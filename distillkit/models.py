@@ -12,7 +12,8 @@ from distillkit.checkpoint import file_checksum, load_model_state
 from distillkit.config import dump, validate_component
 from distillkit.errors import DistillkitError
 from distillkit.feature_cache import freeze_encoder
-from distillkit.interfaces import Student, Task, Teacher
+from distillkit.interfaces import InputTransform, Student, Task, Teacher
+from distillkit.metric_direction import direction
 from distillkit.registry import Registries
 
 
@@ -24,12 +25,24 @@ def build_student(student_params: Any, tasks: Mapping[str, Task], registries: Re
     return model
 
 
+#: state-dict key prefix of a fitted input transform (a submodule of the encoder)
+INPUT_TRANSFORM = "encoder.input_transform."
+
+
+def attach_input_transform(model: Student, state: Mapping[str, Any] | None, where: str = "fit_input_transform") -> None:
+    """Give ``model``'s encoder the run's fitted input transform (nothing when ``state`` is ``None``)."""
+    if state is not None:
+        model.encoder.input_transform = InputTransform(state, where)
+
+
 def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str,
-               inputs: torch.Tensor | None = None) -> dict[str, Any]:
+               inputs: torch.Tensor | None = None, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a model file must carry to be usable alone (predict, eval, as a teacher).
 
     ``inputs`` (a batch or a split's input tensor) records the shape and dtype of one input
-    row, e.g. ``[3, 64, 64]`` ``uint8`` for images, so that tools can prepare new inputs alike.
+    row, e.g. ``[3, 64, 64]`` ``uint8`` for images, so that tools can prepare new inputs alike;
+    ``data`` (the run's resolved ``data:`` section) names the dataset source that reads new
+    inputs from files (``distillkit predict``).
     """
     meta: dict[str, Any] = {
         "stage": stage,
@@ -38,6 +51,8 @@ def model_meta(student_params: Any, tasks: Mapping[str, Task], stage: str,
     }
     if inputs is not None:
         meta["inputs"] = {"shape": list(inputs.shape[1:]), "dtype": str(inputs.dtype).replace("torch.", "")}
+    if data is not None:
+        meta["data"] = dict(data)
     return meta
 
 
@@ -67,6 +82,8 @@ def load_model(path: str | Path, registries: Registries, device: torch.device | 
         raise DistillkitError(f"{path} was not written by this version of distillkit or its plugins ({exc}).",
                               where=where) from None
     model = build_student(student_params, tasks, registries)
+    if INPUT_TRANSFORM + "shift" in state:  # fitted on its run's training split
+        attach_input_transform(model, {k: state[INPUT_TRANSFORM + k] for k in InputTransform.KEYS}, label)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DistillkitError(f"{path} does not match the model it describes (missing {missing[:3]}, "
@@ -93,4 +110,5 @@ def init_from(model: Student, path: str | Path, where: str) -> None:
 
 def as_teacher(loaded: LoadedModel, name: str, scores: Mapping[str, float] | None = None) -> Teacher:
     return Teacher(name=name, model=loaded.model, tasks=frozenset(loaded.tasks), scores=dict(scores or {}),
-                   checksum=loaded.checksum, task_states={n: t.state() for n, t in loaded.tasks.items()})
+                   checksum=loaded.checksum, task_states={n: t.state() for n, t in loaded.tasks.items()},
+                   score_directions={n: direction(t, t.primary_metric) for n, t in loaded.tasks.items()})

@@ -127,14 +127,26 @@ def group_bars_figure(values: Mapping[str, Mapping[str, Mapping[str, float | Non
         for i, (label, per_group) in enumerate(by_model.items()):
             heights = [np.nan if per_group.get(g) is None else per_group[g] for g in groups]
             bars = ax.bar(x + (i - (len(by_model) - 1) / 2) * width, heights, width, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+            large = any(v is not None and abs(v) >= 100 for v in per_group.values())  # e.g. an RMSE in dollars
+            ax.bar_label(bars, fmt="%.3g" if large else "%.2f", fontsize=6, padding=1)
         ax.set_xticks(x, [textwrap.shorten(g, 14) for g in groups], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(*value_axis([v for per_group in by_model.values() for v in per_group.values()]))
         ax.set_ylabel(metric_names.get(task, ""))
         ax.set_title(f"{task} {metric_names.get(task, '')} per {group_task}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
     return fig
+
+
+def value_axis(values: Sequence[float | None]) -> tuple[float, float]:
+    """y-limits for bars of ``values``: from 0 (or the lowest negative value) to the highest,
+    with 10% headroom for the bar labels; [0, 1.1] for scores up to 1, as RMSE in the millions
+    or a negative R2 must not be clipped."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    low = min([0.0, *finite])
+    high = max([0.0, *finite])
+    span = (high - low) or 1.0
+    return (low - 0.1 * span if low < 0 else 0.0), high + 0.1 * span
 
 
 def learning_curves_figure(logs: Mapping[str, Sequence[Mapping]]) -> Figure:

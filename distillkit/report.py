@@ -15,7 +15,7 @@ folder. Sections:
   These two re-run the models on the run's data, re-created from its ``config.yaml``.
 
 Nothing here knows a domain: a task is "classes" when its prediction holds ``probs`` and
-"text" when it can ``decode_text``; Grad-CAM is drawn when the inputs are images.
+"text" when its ``decode_text`` gives text; Grad-CAM is drawn when the inputs are images.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from distillkit.data import SplitData, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.io import atomic_write_bytes, atomic_write_text, write_json
+from distillkit.metric_direction import direction
 from distillkit.registry import Registries
 from distillkit.rundir import RunDirectory
 
@@ -72,9 +73,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         from distillkit import plots
     except ImportError as exc:
         raise DistillkitError(f"the report draws its figures with matplotlib, which is not installed ({exc}).",
-                              hint="pip install matplotlib (or install distillkit[eye]).") from None
+                              hint="Install it: pip install 'distillkit[report]'.") from None
     run = RunDirectory(run_path)
-    html_path = Path(out) if out is not None else run.path / "report" / "report.html"
+    html_path = Path(out) if out is not None else run.layout.report / "report.html"
     report = Report(html_path)
     note = report.notes.append
     summary = run.summary()
@@ -84,7 +85,7 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
     group_task = params.get("group_by")
     evaluated: dict[str, Any] = run.metrics().get(stage, {}).get(split, {}) if stage else {}
     task_kinds = {name: spec.get("kind") for name, spec in (run.config.get("tasks") or {}).items()}
-    primary = {name: getattr(registries.task.get(kind), "primary_metric", "accuracy") if kind in registries.task
+    primary = {name: registries.task.get(kind).primary_metric if kind in registries.task
                else "accuracy" for name, kind in task_kinds.items()}
     for task in group_metrics or {}:
         if task not in task_kinds:
@@ -127,7 +128,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
         shown = ", ".join(f"{t} {shown_metric.get(t)}" for t in by_group)
         add("metric_by_group", "Metrics per group",
             f"Metrics per true '{group_task}' class on the {split} split ({shown}); from the evaluate stage.",
-            plots.group_bars_figure(by_group, shown_metric, group_task))
+            plots.group_bars_figure(by_group, {t: _with_direction(m, registries.task.get(task_kinds[t])
+                                                  if task_kinds.get(t) in registries.task else None)
+                                               for t, m in shown_metric.items()}, group_task))
     logs = {label: records for s in run.stage_names() for label, records in run.log(s).items() if records}
     if logs:
         report.data["learning_curves"] = {label: {"train_loss": [r.get("train_loss") for r in records],
@@ -148,7 +151,9 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
                                       f"Models: {', '.join(known)}.", where="--gradcam-model")
     if use_data and stage is not None:
         try:
-            _model_figures(run, registries, report, add, plots, split, group_task, images_per_class,
+            # top-K and Grad-CAM rows go per class of a grouping task; a field or group id groups no classes
+            class_task = group_task if group_task in task_kinds else None
+            _model_figures(run, registries, report, add, plots, split, class_task, images_per_class,
                            gradcam_models, torch.device(device), warn)
         except DistillkitError as exc:
             # e.g. the data moved since the run: the page still shows what the run directory holds
@@ -161,6 +166,11 @@ def build_report(run_path: str | Path, registries: Registries, out: str | Path |
 
     _write(report, run, summary, html_path)
     return report
+
+
+def _with_direction(metric: str, task_cls: Any) -> str:
+    """A metric's name for a chart axis, marked where lower is better (``rmse (lower is better)``)."""
+    return f"{metric} (lower is better)" if direction(task_cls, metric) == "min" else metric
 
 
 SCREENING_KEYS = ("n", "unseen", "accuracy", "balanced_accuracy", "majority_rate", "macro_f1", "macro_auc", "ece")
@@ -310,7 +320,7 @@ def _topk_by_group(probs: torch.Tensor, rows: SplitData, task: str, tasks: Mappi
     groups = {"all": present}
     if group_task and group_task in tasks and group_task in rows.targets:
         g = rows.targets[group_task]
-        for i, name in enumerate(tasks[group_task].classes):
+        for i, name in enumerate(tasks[group_task].class_names or []):
             groups[name] = present & g["present"] & (g["y"] == i)
     return {name: hits[mask].mean(0).tolist() for name, mask in groups.items() if bool(mask.any())}
 
@@ -322,7 +332,7 @@ def _pick_rows(rows: SplitData, tasks: Mapping[str, Any], group_task: str | None
     if group_task and group_task in rows.targets:
         g = rows.targets[group_task]
         candidates = [torch.nonzero(g["present"] & (g["y"] == i)).flatten().tolist()
-                      for i in range(len(tasks[group_task].classes))]
+                      for i in range(len(tasks[group_task].class_names or []))]
     else:
         candidates = [list(range(len(rows)))]
         per_class *= 4
@@ -347,14 +357,14 @@ def _explain(model, tasks: Sequence[str], images: torch.Tensor) -> dict[str, dic
         entry: dict[str, Any] = {"cam": gradcam(model.model, task, images).cpu().numpy()}
         if "probs" in prediction:
             probs = prediction["probs"].float().cpu()
-            classes = list(getattr(task, "classes", range(probs.shape[1])))
+            classes = task.class_names or [str(i) for i in range(probs.shape[1])]
             top = probs.topk(min(5, probs.shape[1]), dim=1)
             entry["top"] = [[str(classes[i]) for i in row] for row in top.indices.tolist()]
             entry["text"] = [f"{classes[i]} ({p:.2f})" for p, i in zip(top.values[:, 0].tolist(),
                                                                          top.indices[:, 0].tolist())]
-        elif "tokens" in prediction and hasattr(task, "decode_text"):
-            entry["words"] = task.decode_text(prediction["tokens"].cpu())
-            entry["text"] = [w or "(empty)" for w in entry["words"]]
+        elif "tokens" in prediction and (words := task.decode_text(prediction["tokens"].cpu())) is not None:
+            entry["words"] = words
+            entry["text"] = [w or "(empty)" for w in words]
         else:
             entry["text"] = ["?"] * len(images)
         out[t] = entry
@@ -425,7 +435,7 @@ def _write(report: Report, run: RunDirectory, summary: Mapping[str, Any] | None,
 
     parts = [f"<h1>distillkit report: {html.escape(run.name)}</h1>",
              f"<p class=\"meta\">Run directory {html.escape(str(run.path.resolve()))}; config "
-             f"{html.escape(str(run.info.get('config_file', run.path / 'config.yaml')))}; written "
+             f"{html.escape(str(run.info.get('config_file', run.layout.config)))}; written "
              f"{time.strftime('%Y-%m-%d %H:%M')}.</p>"]
     if summary:
         parts.append(f"<h2>Metrics ({html.escape(summary['split'])} split, stage {html.escape(summary['stage'])})</h2>")

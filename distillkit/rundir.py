@@ -1,8 +1,25 @@
-"""Reading a finished run directory (see :mod:`distillkit.runner` for its layout).
+"""The run directory: its layout, and reading a finished one.
 
-Everything here reads what the runner wrote and writes nothing: the resolved config, the
-stages' results (``stages/<name>/stage.json``), their per-epoch logs, the metrics, and the
-data the run used, re-created with :mod:`distillkit.data_spec`.
+Layout (:class:`RunLayout` is the one place that spells these paths)::
+
+    config.yaml          the resolved config (every default filled in) of the last run that finished
+    run.json             where the config came from (relative data paths resolve there)
+    plan.json            stages in order with their keys
+    metrics.json         every finished stage's metrics per split
+    summary.json         the final comparison table (evaluate stages)
+    report/              `distillkit report`'s page and figures (by default)
+    .lock                held by the run writing here
+    stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
+    stages/.work/<name>-<key>/   a stage in progress (resumed from here after a crash)
+    stages/.previous/<name>/     the result a re-run replaced
+    cache/teacher_outputs/<key>/ cached soft targets
+
+(Frozen encoder features are cached in the shared data cache, ``<cache_dir>/features/<key>/``,
+not here: see :mod:`distillkit.feature_cache`.)
+
+:class:`RunDirectory` reads what :class:`distillkit.runner.Runner` wrote and writes nothing:
+the resolved config, the stages' results, their per-epoch logs, the metrics, and the data the
+run used, re-created with :mod:`distillkit.data_spec`.
 """
 
 from __future__ import annotations
@@ -11,7 +28,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -19,6 +36,79 @@ from distillkit.data_spec import DataSpec, LoadedData
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.io import read_json
 from distillkit.registry import Registries
+
+#: a finished stage's marker in its folder (key, status, result)
+STAGE_MARKER = "stage.json"
+STAGES = "stages"
+
+
+def stage_marker(folder: Path) -> Path:
+    """The marker file of a stage folder (in a run, or in a sweep's store)."""
+    return Path(folder) / STAGE_MARKER
+
+
+class RunLayout:
+    """The paths of a run directory; nothing here touches the disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / STAGES
+
+    def stage(self, name: str) -> Path:
+        """A finished stage's folder."""
+        return self.stages / name
+
+    def stage_marker(self, name: str) -> Path:
+        return stage_marker(self.stage(name))
+
+    def work(self, name: str, key: str) -> Path:
+        """The folder a stage runs in until it finishes (and resumes from after a crash)."""
+        return self.stages / ".work" / f"{name}-{key}"
+
+    def previous(self, name: str) -> Path:
+        """Where a stage's earlier result goes when a re-run replaces it."""
+        return self.stages / ".previous" / name
+
+    def finished_markers(self) -> Iterator[Path]:
+        """The markers of every stage folder in place, by name."""
+        return iter(sorted(self.stages.glob(f"*/{STAGE_MARKER}")))
+
+    @property
+    def report(self) -> Path:
+        """``distillkit report``'s default output folder."""
+        return self.root / "report"
+
+    @property
+    def teacher_outputs(self) -> Path:
+        """The teacher-output cache; one folder per cache key."""
+        return self.root / "cache" / "teacher_outputs"
 
 
 @dataclass
@@ -36,7 +126,8 @@ class RunDirectory:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        config_path = self.path / "config.yaml"
+        self.layout = RunLayout(self.path)
+        config_path = self.layout.config
         if not self.path.is_dir():
             raise DistillkitError(f"{self.path} is not a directory.", where=str(self.path))
         if not config_path.is_file():
@@ -46,15 +137,15 @@ class RunDirectory:
             self.config: dict[str, Any] = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise DistillkitError(f"its config.yaml cannot be read ({exc}).", where=str(self.path)) from None
-        self.info: dict[str, Any] = self._json("run.json") or {}
-        self.plan: list[dict[str, Any]] = self._json("plan.json") or [{"name": n} for n in self.config.get("stages", {})]
+        self.info: dict[str, Any] = self._json(self.layout.info) or {}
+        self.plan: list[dict[str, Any]] = (self._json(self.layout.plan)
+                                           or [{"name": n} for n in self.config.get("stages", {})])
 
-    def _json(self, name: str) -> Any:
-        path = self.path / name
+    def _json(self, path: Path) -> Any:
         try:
             return read_json(path) if path.is_file() else None
         except (OSError, ValueError) as exc:
-            raise DistillkitError(f"{name} cannot be read ({exc}).", where=str(self.path)) from None
+            raise DistillkitError(f"{path.name} cannot be read ({exc}).", where=str(self.path)) from None
 
     @property
     def name(self) -> str:
@@ -81,7 +172,7 @@ class RunDirectory:
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         """``stage.json`` of a finished stage, or ``None`` when it has not finished."""
-        path = self.path / "stages" / stage / "stage.json"
+        path = self.layout.stage_marker(stage)
         if not path.is_file():
             return None
         record = read_json(path)
@@ -145,14 +236,14 @@ class RunDirectory:
         return out
 
     def metrics(self) -> dict[str, Any]:
-        return self._json("metrics.json") or {}
+        return self._json(self.layout.metrics) or {}
 
     def summary(self) -> dict[str, Any] | None:
-        return self._json("summary.json")
+        return self._json(self.layout.summary)
 
     # -- data ---------------------------------------------------------------------------------
     def data_spec(self, registries: Registries) -> DataSpec:
-        return DataSpec.from_mapping(self.config, registries, where=str(self.path / "config.yaml"),
+        return DataSpec.from_mapping(self.config, registries, where=str(self.layout.config),
                                      base_dir=self.base_dir)
 
     def load_data(self, registries: Registries, warn=None) -> LoadedData:
@@ -173,7 +264,7 @@ def find_run_dir(checkpoint: str | Path) -> RunDirectory | None:
     """The run directory a model file lies in (``<run>/stages/<stage>[/<model>]/model.safetensors``)."""
     path = Path(checkpoint).resolve()
     for parent in list(path.parents)[:4]:
-        if parent.name == "stages" and (parent.parent / "config.yaml").is_file():
+        if parent.name == STAGES and RunLayout(parent.parent).config.is_file():
             try:
                 return RunDirectory(parent.parent)
             except DistillkitError:

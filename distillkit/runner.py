@@ -1,23 +1,16 @@
 """Plans a run's stages and executes them into a run directory.
 
-Layout of a run directory::
+The plan is checked from the config alone, before any data is loaded: references between
+stages, cycles, and each stage's own checks (:meth:`distillkit.stages.Stage.check`: tasks,
+early-stopping metric, teachers that learned every task, ...). Only then is the data loaded,
+its fingerprint taken and the stages' keys computed.
 
-    config.yaml          the resolved config (every default filled in) of the last run that finished
-    run.json             where the config came from (relative data paths resolve there)
-    plan.json            stages in order with their keys
-    stages/<name>/       a finished stage: stage.json, model.safetensors, metrics.json, log.jsonl
-    stages/.work/<name>-<key>/   a stage in progress (resumed from here after a crash)
-    cache/teacher_outputs/<key>/ cached soft targets
-
-(Frozen encoder features are cached in the shared data cache, ``<cache_dir>/features/<key>/``,
-not here: see :mod:`distillkit.feature_cache`.)
-    metrics.json         every finished stage's metrics per split
-    summary.json         the final comparison table (evaluate stages)
-
-A stage's key hashes its config, the data, the split, the student, its tasks and the keys of
-the stages it depends on. A stage whose folder holds the same key is skipped; a stage in
+A stage's key hashes its config, the data (its fingerprint covers file contents), the split,
+the student, its tasks, the name and version of every plugin whose components it uses, and
+the keys of the stages it depends on. A stage whose folder holds the same key is skipped; a stage in
 progress resumes from its last checkpoint; a finished stage is moved into place only when it
-is complete, so a failed run never overwrites the results of an earlier good one.
+is complete, so a failed run never overwrites the results of an earlier good one. The run
+directory's layout is :class:`distillkit.rundir.RunLayout`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -41,10 +34,13 @@ from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.evaluation import summary_rows
 from distillkit.feature_cache import check_frozen_encoders, frozen_encoder_params
+from distillkit.interfaces import InputTransform
 from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
 from distillkit.progress import Reporter
 from distillkit.registry import Registries
-from distillkit.stages import Stage, StageContext, StageResult
+from distillkit.rundir import RunLayout, stage_marker
+from distillkit.stages import PlanView, Stage, StageContext, StageResult
+from distillkit.training import autocast_dtype
 
 STAGE_FORMAT = "distillkit.stage/1"
 
@@ -62,12 +58,15 @@ def build_stages(config: RunConfig, registries: Registries) -> dict[str, Stage]:
     return {name: registries.stage.get(p.kind)(name, p) for name, p in config.stages.items()}
 
 
-def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") -> list[PlannedStage]:
-    """Order the stages by their dependencies and check every reference between them."""
+def check_plan(config: RunConfig, registries: Registries) -> tuple[dict[str, Stage], list[str]]:
+    """The stages and their order, from the config alone: reads no data.
+
+    Every mistake is reported at once (unknown references, each stage's own checks); a cycle
+    is reported once there are none.
+    """
     stages = build_stages(config, registries)
     all_tasks = list(config.tasks)
     problems: list[str] = []
-    frozen = frozen_encoder_params(config.student, registries)
     run_es = getattr(config.training, "early_stopping", None)
     if run_es is not None and run_es.metric not in ("val_loss", "val_kd") \
             and run_es.metric.partition(".")[0] not in all_tasks:
@@ -82,55 +81,25 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
                                 f"{did_you_mean(dep, stages)} Stages: {', '.join(stages)}.")
             elif dep == name:
                 problems.append(f"stages.{name}: depends on itself.")
-        for task in getattr(stage.params, "tasks", None) or []:
-            if task not in config.tasks:
-                problems.append(f"stages.{name}.tasks: unknown task '{task}'.{did_you_mean(task, all_tasks)} "
-                                f"Tasks: {', '.join(all_tasks)}.")
-        for subset in getattr(stage, "subsets", lambda _: [])(all_tasks) if not problems else []:
-            for task in subset:
-                if task not in config.tasks:
-                    problems.append(f"stages.{name}.subsets: unknown task '{task}'.")
-        training = getattr(stage.params, "training", None)
-        es = getattr(training, "early_stopping", None)
-        if es is not None and es.metric not in ("val_loss", "val_kd"):
-            task = es.metric.partition(".")[0]
-            if task not in stage.task_names(all_tasks):
-                problems.append(f"stages.{name}.training.early_stopping.metric: '{es.metric}' must be val_loss, "
-                                f"val_kd or <task>.<metric> for one of the stage's tasks "
-                                f"({', '.join(stage.task_names(all_tasks))}).")
-        outputs = getattr(stage.params, "teacher_outputs", None)
-        if outputs is not None and outputs.mode == "cache" and getattr(training, "augment", None) is not None:
-            problems.append(f"stages.{name}.training.augment: random augmentation shows the teachers a new view "
-                            f"of every batch, which the teacher-output cache cannot hold; set "
-                            f"stages.{name}.teacher_outputs.mode: online (or remove the augmentation).")
-        if (frozen and getattr(training, "augment", None) is not None
-                and getattr(training, "feature_cache", "off") != "off"):
-            problems.append(f"stages.{name}.training.augment: random augmentation changes what the frozen encoder "
-                            f"blocks ({', '.join(f'student.{f}.freeze' for f in frozen)}) see at every step, "
-                            f"which their feature cache cannot hold; set stages.{name}.training.feature_cache: "
-                            f"off (or remove the augmentation).")
-        temperature = getattr(stage.params, "temperature", None)
-        if isinstance(temperature, Mapping):
-            own = stage.task_names(all_tasks)
-            for task in temperature:
-                if task not in own:
-                    problems.append(f"stages.{name}.temperature.{task}: '{task}' is not a task of this stage."
-                                    f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
-        group_by = getattr(stage.params, "group_by", None)
-        if group_by and group_by not in config.tasks:
-            problems.append(f"stages.{name}.group_by: unknown task '{group_by}'.{did_you_mean(group_by, all_tasks)}")
+    view = PlanView(config, stages, registries, tuple(frozen_encoder_params(config.student, registries)))
+    for stage in stages.values():
+        problems += stage.check(view)
     if problems:
         raise DistillkitError("invalid stages:\n" + "\n".join(f"  - {p}" for p in problems), where=config.file)
+    return stages, _dependency_order(stages, config.file)
 
+
+def _dependency_order(stages: dict[str, Stage], file: str) -> list[str]:
+    """Stage names with every stage after the stages it depends on (depth first, config order)."""
     order: list[str] = []
-    state: dict[str, int] = {}
+    state: dict[str, int] = {}  # 1: being visited, 2: done
 
     def visit(name: str, chain: list[str]) -> None:
         if state.get(name) == 2:
             return
         if state.get(name) == 1:
             cycle = " -> ".join(chain[chain.index(name):] + [name])
-            raise DistillkitError(f"the stages depend on each other in a cycle: {cycle}.", where=f"{config.file}: stages")
+            raise DistillkitError(f"the stages depend on each other in a cycle: {cycle}.", where=f"{file}: stages")
         state[name] = 1
         for dep in stages[name].dependencies():
             visit(dep, chain + [name])
@@ -139,26 +108,13 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
 
     for name in stages:
         visit(name, [])
+    return order
 
-    # Routing: a distillation stage needs, for each of its tasks, a teacher that learned it.
-    for name, stage in stages.items():
-        teachers = getattr(stage.params, "teachers", None)
-        if getattr(stage.params, "extra_teachers", None):
-            continue  # external teachers' tasks are known only once loaded (checked then)
-        if teachers is not None and not teachers:
-            raise DistillkitError(f"stage '{name}' needs at least one teacher.", where=f"{config.file}: stages.{name}.teachers")
-        if not teachers:
-            continue
-        learned = set().union(*[s for t in teachers for s in stages[t].model_task_sets(all_tasks)])
-        missing = [t for t in stage.task_names(all_tasks) if t not in learned]
-        if missing:
-            raise DistillkitError(f"no teacher of stage '{name}' learned task(s) {', '.join(missing)} "
-                                  f"(teachers: {', '.join(teachers)}).", where=f"{config.file}: stages.{name}.teachers")
-        init = getattr(stage.params, "init", None)
-        if init and not stages[init].model_task_sets(all_tasks):
-            raise DistillkitError(f"stage '{init}' produces no model to initialise from.",
-                                  where=f"{config.file}: stages.{name}.init")
 
+def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") -> list[PlannedStage]:
+    """Check the plan (:func:`check_plan`) and key every stage in order."""
+    stages, order = check_plan(config, registries)
+    all_tasks = list(config.tasks)
     resolved = config.resolved()
     common = {"data": resolved["data"], "fingerprint": data_fingerprint, "split": resolved["split"],
               "student": resolved["student"], "seed": config.seed}
@@ -168,9 +124,14 @@ def plan(config: RunConfig, registries: Registries, data_fingerprint: str = "") 
         stage = stages[name]
         # Only the tasks the stage touches: a teacher of {broad} is not retrained when the
         # caption's settings change, so runs that differ elsewhere share it.
-        tasks = set(stage.task_names(all_tasks)) | {getattr(stage.params, "group_by", None)} - {None}
+        tasks = set(stage.key_tasks(all_tasks))
         desc = {"stage": resolved["stages"][name], "tasks": {t: resolved["tasks"][t] for t in sorted(tasks)},
-                "deps": [keys[d] for d in stage.dependencies()], **common}
+                "deps": [keys[d] for d in stage.dependencies()], **common,
+                # name -> version of every plugin whose components the stage uses: a new release
+                # of one retrains the stage (and those after it) instead of keeping old results
+                "plugins": registries.plugins_of(config.stages[name],
+                                                 [config.tasks[t] for t in sorted(tasks) if t in config.tasks],
+                                                 config.data, config.student)}
         keys[name] = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
         planned.append(PlannedStage(name, stage, stage.dependencies(), keys[name], stage.describe(all_tasks)))
     return planned
@@ -185,11 +146,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_mixed_precision(config: RunConfig, device: torch.device) -> None:
+    """Every ``training.mixed_precision`` the device cannot run (fp16 on a CPU), named by its key,
+    before any data is read; a stage that inherits the run's setting is reported once, at ``training``."""
+    problems = []
+    places = [("training", config.training)] + [(f"stages.{name}.training", getattr(params, "training", None))
+                                                for name, params in config.stages.items()]
+    for path, training in places:
+        mode = getattr(training, "mixed_precision", "off")
+        if path != "training" and mode == config.training.mixed_precision:
+            continue
+        try:
+            autocast_dtype(mode, device, where=f"{path}.mixed_precision")
+        except DistillkitError as exc:
+            problems.append(f"{path}.mixed_precision: {exc.message}")
+    if problems:
+        raise DistillkitError(" ".join(problems), where=config.file)
+
+
 class RunLock:
     """An exclusive lock on a run directory; the OS drops it when the process dies."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+        self.path = RunLayout(run_dir).lock
         self.fh = None
 
     def __enter__(self) -> "RunLock":
@@ -221,6 +200,7 @@ class Runner(StageContext):
         self.config = config
         self.registries = registries
         self.run_dir = Path(run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.reporter = reporter or Reporter(quiet=True)
         self._results: dict[str, StageResult] = {}
 
@@ -245,6 +225,9 @@ class Runner(StageContext):
         dataset = source.load()
         self.tasks = {name: self.registries.task.get(p.kind)(name, p) for name, p in config.tasks.items()}
         self.splits = prepare_splits(dataset, config.split, self.tasks)
+        self.input_transform = source.fit_input_transform(self.splits["train"].inputs)
+        if self.input_transform is not None:
+            InputTransform(self.input_transform, where=f"{config.data.kind}.fit_input_transform")  # checks it
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         self.reporter.message(f"data: {dataset.source}, {len(dataset)} items ({sizes}) "
                               f"in {time.perf_counter() - started:.1f}s")
@@ -263,20 +246,25 @@ class Runner(StageContext):
             return self._run(only)
 
     def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
+        # Everything the config alone can show is checked before any data is read.
         self.device = resolve_device(self.config.device)
-        check_frozen_encoders(self.config.student, self.registries, self.config.file)  # before decoding data
+        check_mixed_precision(self.config, self.device)
+        check_frozen_encoders(self.config.student, self.registries, self.config.file)
+        check_plan(self.config, self.registries)
         self.prepare_data()
         planned = plan(self.config, self.registries, self.data_fingerprint)
+        problems = [p for step in planned for p in step.stage.check_data(self)]
+        if problems:
+            raise DistillkitError("invalid stages:\n" + "\n".join(f"  - {p}" for p in problems),
+                                  where=self.config.file)
         # config.yaml, plan.json and run.json describe the results in this folder: a new run
         # writes them at once, a run over earlier results only when all its stages are done,
         # so a failed run never replaces the description of an earlier good one.
-        if not (self.run_dir / "config.yaml").exists():
+        if not self.layout.config.exists():
             self._write_description(planned)
         self.reporter.message(f"device: {self.device}; run directory: {self.run_dir}")
-        stages_dir = self.run_dir / "stages"
         for i, step in enumerate(planned, 1):
-            final = stages_dir / step.name
-            marker = final / "stage.json"
+            marker = self.layout.stage_marker(step.name)
             if marker.exists():
                 saved = read_json(marker)
                 if saved.get("key") == step.key and saved.get("status") == "done":
@@ -285,12 +273,12 @@ class Runner(StageContext):
                     continue
             if only is not None and step.name not in only:
                 raise DistillkitError(f"stage '{step.name}' must run before {', '.join(only)}.")
-            work = stages_dir / ".work" / f"{step.name}-{step.key}"
+            work = self.layout.work(step.name, step.key)
             work.mkdir(parents=True, exist_ok=True)
             self.reporter.stage_start(i, len(planned), step.name, step.description)
             started = time.perf_counter()
             result = step.stage.run(self, work)
-            result = self._relocate(result, work, final, step.key, time.perf_counter() - started)
+            result = self._relocate(result, work, step.name, step.key, time.perf_counter() - started)
             self._results[step.name] = result
             self._write_metrics(planned)
             self.reporter.stage_end(step.name, time.perf_counter() - started)
@@ -300,7 +288,7 @@ class Runner(StageContext):
         return summary
 
     def _write_description(self, planned: list[PlannedStage]) -> None:
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.resolved(), sort_keys=False))
+        atomic_write_text(self.layout.config, yaml.safe_dump(self.config.resolved(), sort_keys=False))
         entries = []
         for p in planned:
             entry = {"name": p.name, "key": p.key, "deps": p.deps, "description": p.description}
@@ -308,26 +296,27 @@ class Runner(StageContext):
             if search:  # temperature: auto, once chosen on the validation split
                 entry["temperature_chosen"] = search["chosen"]
             entries.append(entry)
-        write_json(self.run_dir / "plan.json", entries)
+        write_json(self.layout.plan, entries)
         # Relative paths in config.yaml (e.g. a manifest) resolve against this folder.
-        write_json(self.run_dir / "run.json", {"config_file": str(Path(self.config.file).resolve()),
+        write_json(self.layout.info, {"config_file": str(Path(self.config.file).resolve()),
                                                "base_dir": str(self.config.base_dir.resolve()),
                                                "data_fingerprint": self.data_fingerprint})
 
-    def _relocate(self, result: StageResult, work: Path, final: Path, key: str, seconds: float) -> StageResult:
+    def _relocate(self, result: StageResult, work: Path, name: str, key: str, seconds: float) -> StageResult:
         """Move a finished stage's folder into place, keeping the previous one until then.
 
         ``stage.json`` is written before the move, so a stage folder in place always holds
         its marker; a crash between the two renames leaves the work folder, which resumes.
         """
+        final = self.layout.stage(name)
         prefix = str(work.relative_to(self.run_dir))
         target = str(final.relative_to(self.run_dir))
         for model in result.models:
             if model.path.startswith(prefix):
                 model.path = target + model.path[len(prefix):]
-        write_json(work / "stage.json", {"format": STAGE_FORMAT, "key": key, "status": "done",
+        write_json(stage_marker(work), {"format": STAGE_FORMAT, "key": key, "status": "done",
                                          "seconds": seconds, "result": result.to_json()})
-        previous = final.parent / ".previous" / final.name
+        previous = self.layout.previous(name)
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
             previous.parent.mkdir(parents=True, exist_ok=True)
@@ -342,13 +331,13 @@ class Runner(StageContext):
         the stages it did not reach keep their earlier, good results there too.
         """
         metrics = {p.name: self._results[p.name].metrics for p in planned if p.name in self._results}
-        for marker in sorted((self.run_dir / "stages").glob("*/stage.json")):
+        for marker in self.layout.finished_markers():
             name = marker.parent.name
             if name not in metrics:
                 saved = read_json(marker)
                 if saved.get("status") == "done":
                     metrics[name] = saved["result"]["metrics"]
-        write_json(self.run_dir / "metrics.json", metrics)
+        write_json(self.layout.metrics, metrics)
         return metrics
 
     def _show_summary(self, planned: list[PlannedStage]) -> None:
@@ -358,7 +347,7 @@ class Runner(StageContext):
             split = step.stage.params.split
             by_model = self._results[step.name].metrics.get(split, {})
             header, rows = summary_rows(by_model, self.tasks)
-            write_json(self.run_dir / "summary.json", {"stage": step.name, "split": split, "header": header,
+            write_json(self.layout.summary, {"stage": step.name, "split": split, "header": header,
                                                        "rows": rows})
             self.reporter.table(f"{self.config.name}: {split} metrics ({step.name})", header, rows)
 

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 from distillkit.config import RunConfig, apply_overrides, read_yaml, validate_config
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.io import atomic_write_text, read_json, remove_stale_temporaries, write_json
+from distillkit.rundir import RunLayout, stage_marker
 from distillkit.stats import Estimate, mean_ci, paired_diff
 
 SWEEP_FORMAT = "distillkit.sweep/1"
@@ -209,7 +210,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _done_key(folder: Path) -> str | None:
-    marker = folder / "stage.json"
+    marker = stage_marker(folder)
     if not marker.is_file():
         return None
     saved = read_json(marker)
@@ -264,7 +265,7 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
         naive += len(planned)
         reused, trained = [], []
         for step in planned:
-            folder = run_dir / "stages" / step.name
+            folder = RunLayout(run_dir).stage(step.name)
             stored = store / f"{step.name}-{step.key}"
             if _done_key(folder) == step.key:
                 reused.append(step.name)
@@ -279,9 +280,9 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
         for step in planned:
             stored = store / f"{step.name}-{step.key}"
             if _done_key(stored) != step.key:
-                _link_tree(run_dir / "stages" / step.name, stored)
+                _link_tree(RunLayout(run_dir).stage(step.name), stored)
         trained_now += len(trained)
-        metrics = read_json(run_dir / "metrics.json")
+        metrics = read_json(RunLayout(run_dir).metrics)
         records.append({"id": run.id, "overrides": run.overrides, "dir": str(run_dir.relative_to(out)),
                         "stages": {p.name: p.key for p in planned},
                         "metrics": flatten_metrics(metrics, spec.split)})
@@ -296,7 +297,7 @@ def _stage_seconds(store: Path, records: list) -> dict[str, float]:
     """Seconds of every unique stage the recorded runs planned, as its ``stage.json`` says."""
     out = {}
     for name, key in sorted({(n, k) for r in records for n, k in r["stages"].items()}):
-        marker = store / f"{name}-{key}" / "stage.json"
+        marker = stage_marker(store / f"{name}-{key}")
         saved = read_json(marker) if marker.is_file() else {}
         if saved.get("status") == "done":
             out[f"{name}-{key}"] = float(saved.get("seconds", 0.0))

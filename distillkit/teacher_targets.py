@@ -9,11 +9,15 @@ K alpha / (1 - alpha) (docs/design.md gives the alpha that matches the sum); wit
 (M3) it scales the whole loss by 1/K. We therefore aggregate once per image (the policy may weight teachers unequally), store the
 result, and let the student train at the cost of training without teachers.
 
-Storage of a distribution (``probs``) can be ``fp32``, ``fp16`` (renormalised on read) or
-``topk``: the k largest probabilities plus the dropped mass r, which is spread evenly over the
-other C - k classes on read. The L1 error of a reconstructed distribution is at most 2r, so
-the error of the KD gradient with respect to the student's logits, (q - p) / tau per row, is
-at most 2r / tau in L1 norm. ``index.json`` records the largest r seen.
+A task declares what each soft-target tensor is (``Task.soft_target_kinds``). Storage of a
+distribution (e.g. ``probs``) can be ``fp32``, ``fp16`` (renormalised on read) or ``topk``: the
+k largest probabilities plus the dropped mass r, which is spread evenly over the other C - k
+classes on read. The L1 error of a reconstructed distribution is at most 2r, so the error of
+the KD gradient with respect to the student's logits, (q - p) / tau per row, is at most
+2r / tau in L1 norm. ``index.json`` records the largest r seen. Plain values (a regression
+teacher's prediction) are never renormalised: they are stored in fp32 whatever the storage,
+or in fp16 under fp16/topk storage only where the task declares ``value_fp16``; fp16 would
+turn a house price of 97,000,000 into infinity.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ from distillkit.interfaces import AggregationPolicy, Params, Task, Teacher
 from distillkit.io import write_json, read_json
 
 Tensor = torch.Tensor
-CACHE_FORMAT = "distillkit.teacher_outputs/1"
+CACHE_FORMAT = "distillkit.teacher_outputs/2"
 
 
 class TeacherOutputParams(Params):
     #: ``cache``: compute once per image and view, store, read every epoch; ``online``: run the
     #: teachers on every batch (needed with random augmentation)
     mode: Literal["cache", "online"] = "cache"
-    storage: Literal["fp32", "fp16", "topk"] = "fp16"
-    topk: int = Field(16, ge=1)
-    shard_size: int = Field(4096, ge=1)
+    storage: Literal["fp32", "fp16", "topk"] = Field("fp16",
+                                                     description="how cached teacher outputs are stored: fp32, fp16, "
+                                                                 "or topk (the k largest probabilities per row)")
+    topk: int = Field(16, ge=1, description="k of topk storage")
+    shard_size: int = Field(4096, ge=1, description="rows per file of the teacher-output cache")
 
 
 @dataclass
@@ -99,8 +105,9 @@ class OnlineTargets:
         for name, task in self.tasks.items():
             r = self.routes[name]
             target = batch.targets[name] if (self.use_labels and batch.targets is not None) else None
-            out[name] = task.soft_target([self.teachers[i].model.heads[name] for i in r.teachers],
-                                         [feats[i] for i in r.teachers], r.weights, target, self.tau[name])
+            out[name] = check_soft_target(task, task.soft_target(
+                [self.teachers[i].model.heads[name] for i in r.teachers], [feats[i] for i in r.teachers],
+                r.weights, target, self.tau[name]))
         return out
 
 
@@ -109,6 +116,64 @@ class OnlineTargets:
             assert self.raw_inputs is not None
             return self.raw_inputs[batch.index.cpu()].to(batch.inputs.device)
         return batch.inputs
+
+
+def check_soft_target(task: Task, parts: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``parts`` if it holds every key ``task`` declares in ``soft_target_kinds``, else a clear error."""
+    declared = task.soft_target_kinds
+    missing = [k for k in declared if k not in parts] if isinstance(parts, Mapping) else list(declared)
+    if missing:
+        cls = type(task)
+        got = ", ".join(sorted(parts)) if isinstance(parts, Mapping) else type(parts).__name__
+        raise DistillkitError(
+            f"task '{task.name}' ({cls.__name__} from {cls.__module__}) returned a soft target without "
+            f"{', '.join(repr(k) for k in missing)}, which its soft_target_kinds declares "
+            f"({', '.join(f'{k}: {v}' for k, v in declared.items())}); it returned: {got or 'nothing'}.",
+            hint="Return every declared key from Task.soft_target, or declare only the keys it returns.")
+    return parts
+
+
+def _store_soft(parts: Mapping[str, Tensor], kinds: Mapping[str, str], storage: str,
+                k: int) -> tuple[dict[str, Tensor], dict[str, int], float]:
+    """One task's soft target as stored: (tensors by stored name, width of each distribution, max dropped mass)."""
+    stored: dict[str, Tensor] = {}
+    widths: dict[str, int] = {}
+    dropped = 0.0
+    for key, value in parts.items():
+        kind = kinds.get(key)
+        if kind == "distribution":
+            widths[key] = value.shape[-1]
+            for part, tensor in _compress(value, storage, k).items():
+                stored[key if part == "probs" else f"{key}.{part}"] = tensor
+            if storage == "topk":
+                dropped = max(dropped, float(stored[f"{key}.residual"].max()) if value.numel() else 0.0)
+        elif kind is not None and value.is_floating_point():
+            half = kind == "value_fp16" and storage in ("fp16", "topk")
+            stored[key] = value.half() if half else value.float()
+        else:  # undeclared: stored as it is (e.g. integer tokens, a mask)
+            stored[key] = value
+    return stored, widths, dropped
+
+
+def _read_soft(rows: Mapping[str, Tensor], kinds: Mapping[str, str], storage: str,
+               widths: Mapping[str, int]) -> dict[str, Tensor]:
+    """The inverse of :func:`_store_soft` for some rows: distributions rebuilt, values as fp32."""
+    out: dict[str, Tensor] = {}
+    for key, kind in kinds.items():
+        if kind == "distribution":
+            if storage == "topk":
+                parts = {p: rows[f"{key}.{p}"] for p in ("topv", "topi", "residual")}
+            else:
+                parts = {"probs": rows[key]}
+            out[key] = _decompress(parts, storage, widths[key])
+        elif key in rows:
+            out[key] = rows[key].float() if rows[key].is_floating_point() else rows[key]
+    distribution_parts = {f"{key}.{p}" for key, kind in kinds.items() if kind == "distribution"
+                          for p in ("topv", "topi", "residual")}
+    for key, value in rows.items():  # undeclared keys, as stored
+        if key not in out and key not in distribution_parts and key not in kinds:
+            out[key] = value
+    return out
 
 
 def _compress(probs: Tensor, storage: str, k: int) -> dict[str, Tensor]:
@@ -140,28 +205,33 @@ class CachedTargets:
     """Soft targets of a split read from the cache by row position (``batch.index``)."""
 
     def __init__(self, tensors: Mapping[str, Mapping[str, Tensor]], storage: str, num_classes: Mapping[str, int],
-                 device: torch.device):
+                 device: torch.device, kinds: Mapping[str, Mapping[str, str]] | None = None,
+                 widths: Mapping[str, Mapping[str, int]] | None = None):
         self.storage = storage
         self.num_classes = dict(num_classes)
         self.device = device
         self.tensors = {t: dict(v) for t, v in tensors.items()}
+        # without kinds (a cache written by a task that declares nothing else): "probs" is the distribution
+        self.kinds = {t: dict((kinds or {}).get(t, {"probs": "distribution"})) for t in self.tensors}
+        self.widths = {t: dict((widths or {}).get(t, {"probs": self.num_classes.get(t, 0)})) for t in self.tensors}
 
     def __call__(self, batch: Batch) -> dict[str, dict[str, Tensor]]:
         idx = batch.index
         out = {}
         for task, parts in self.tensors.items():
             rows = {k: v[idx].to(self.device, non_blocking=True) for k, v in parts.items()}
-            soft = {k: v for k, v in rows.items() if k not in ("probs", "topv", "topi", "residual")}
-            dist = {k: v for k, v in rows.items() if k in ("probs", "topv", "topi", "residual")}
-            soft["probs"] = _decompress(dist, self.storage, self.num_classes[task])
-            out[task] = soft
+            out[task] = _read_soft(rows, self.kinds[task], self.storage, self.widths[task])
         return out
 
 
 def cache_key(teachers: Sequence[Teacher], routes: Mapping[str, Route], tau: Mapping[str, float], use_labels: bool,
-              split: SplitData, data_fingerprint: str, params: TeacherOutputParams, view: str = "identity") -> str:
-    """Identifies a cache by the teachers' checkpoints, their weights, the data, split and view."""
+              split: SplitData, data_fingerprint: str, params: TeacherOutputParams, view: str = "identity",
+              plugins: Mapping[str, str] | None = None) -> str:
+    """Identifies a cache by the teachers' checkpoints, their weights, the data, split and view,
+    and the versions of the plugins whose code computes the outputs (``plugins``): retrained
+    teachers may have the same weights as before, their new code other outputs."""
     description = {
+        "plugins": dict(sorted((plugins or {}).items())),
         "teachers": [t.checksum for t in teachers],
         "routes": {k: [[teachers[i].checksum for i in r.teachers], r.weights] for k, r in sorted(routes.items())},
         "tau": dict(sorted(tau.items())), "labels": use_labels, "split": split.name,
@@ -179,17 +249,17 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
     lists each shard's checksum: a folder without it, or with a shard that does not match,
     is rebuilt.
     """
-    num_classes: dict[str, int] = {}
-    loaded = _load_cache(directory, params.storage)
+    kinds = {name: dict(task.soft_target_kinds) for name, task in online.tasks.items()}
+    loaded = _load_cache(directory, params.storage, kinds)
     if loaded is not None:
-        tensors, num_classes = loaded
-        return CachedTargets(tensors, params.storage, num_classes, device)
+        return CachedTargets(loaded[0], params.storage, loaded[1], device, kinds=kinds, widths=loaded[2])
 
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("shard-*.safetensors"):
         stale.unlink()
     shards: list[dict] = []
     buffer: dict[str, dict[str, list[Tensor]]] = {}
+    widths: dict[str, dict[str, int]] = {}
     buffered = 0
     max_residual = 0.0
     steps = (len(split) + batch_size - 1) // batch_size
@@ -209,12 +279,9 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
     for batch in iterate_batches(split, batch_size, device=device, tasks=list(online.tasks) if online.use_labels else None):
         soft = online(batch)
         for task, parts in soft.items():
-            probs = parts["probs"]
-            num_classes[task] = probs.shape[-1]
-            stored = _compress(probs, params.storage, params.topk)
-            if "residual" in stored:
-                max_residual = max(max_residual, float(stored["residual"].max()))
-            stored.update({k: v for k, v in parts.items() if k != "probs"})
+            stored, task_widths, dropped = _store_soft(parts, kinds[task], params.storage, params.topk)
+            widths[task] = task_widths
+            max_residual = max(max_residual, dropped)
             for key, value in stored.items():
                 buffer.setdefault(task, {}).setdefault(key, []).append(value.cpu())
         buffered += len(batch.index)
@@ -223,20 +290,25 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
         if progress is not None:
             progress.on_step()
     flush()
+    # num_classes: the width of each task's "probs" (where it has one); widths: of every distribution
+    num_classes = {t: w["probs"] for t, w in widths.items() if "probs" in w}
     write_json(directory / "index.json", {"format": CACHE_FORMAT, "rows": len(split), "storage": params.storage,
-                                          "num_classes": num_classes, "shards": shards,
-                                          "max_dropped_mass": max_residual})
-    loaded = _load_cache(directory, params.storage)
+                                          "num_classes": num_classes, "kinds": kinds, "widths": widths,
+                                          "shards": shards, "max_dropped_mass": max_residual})
+    loaded = _load_cache(directory, params.storage, kinds)
     assert loaded is not None
-    return CachedTargets(loaded[0], params.storage, loaded[1], device)
+    return CachedTargets(loaded[0], params.storage, loaded[1], device, kinds=kinds, widths=loaded[2])
 
 
-def _load_cache(directory: Path, storage: str):
+def _load_cache(directory: Path, storage: str, kinds: Mapping[str, Mapping[str, str]]):
+    """(tensors, num_classes, widths) of a complete cache written for ``storage`` and ``kinds``, else None."""
     index_path = directory / "index.json"
     if not index_path.exists():
         return None
     try:
         index = read_json(index_path)
+        if index.get("format") != CACHE_FORMAT or index.get("kinds") != {t: dict(k) for t, k in kinds.items()}:
+            raise ValueError("written by another version or for other soft-target kinds")
         parts: dict[str, dict[str, list[Tensor]]] = {}
         for shard in index["shards"]:
             path = directory / shard["file"]
@@ -252,4 +324,4 @@ def _load_cache(directory: Path, storage: str):
         index_path.unlink(missing_ok=True)  # half-written or damaged: rebuild
         return None
     tensors = {t: {k: torch.cat(v) for k, v in p.items()} for t, p in parts.items()}
-    return tensors, index["num_classes"]
+    return tensors, index["num_classes"], index["widths"]

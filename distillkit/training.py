@@ -1,6 +1,8 @@
 """The training loop shared by supervised and distillation stages.
 
-One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom.
+One function, :func:`fit`, in the spirit of nanoGPT's ``train.py``: read it top to bottom. Its
+named steps follow it: resuming (``_resume``), the finite check of every epoch
+(``_check_finite``) and early stopping (``_track_best``, comparing scores in ``_improved``).
 Teachers never appear here; a distillation stage passes a ``soft_targets`` callable that
 returns each task's soft target for a batch (from the teacher-output cache, or online).
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Protocol
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -21,16 +23,19 @@ from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
+from distillkit.metric_direction import higher_is_better
 
 Tensor = torch.Tensor
 SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
 
 
 class OptimizerParams(Params):
-    kind: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    kind: Literal["sgd", "adam", "adamw"] = Field("sgd",
+                                                  description="the optimizer: SGD (the paper, with Nesterov momentum), "
+                                                              "Adam or AdamW")
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam and AdamW)")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD")
     #: L2 regularisation (the paper: 1e-6)
     weight_decay: float = Field(1e-6, ge=0)
 
@@ -38,8 +43,9 @@ class OptimizerParams(Params):
 class EarlyStoppingParams(Params):
     #: ``val_loss`` (labels), ``val_kd`` (KL to the teachers on val, no labels), or ``<task>.<metric>``
     metric: str = "val_loss"
-    patience: int = Field(5, ge=1)
-    min_delta: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=1,
+                          description="epochs without an improvement of at least min_delta before training stops")
+    min_delta: float = Field(0.0, ge=0, description="the smallest change of the metric that counts as an improvement")
 
 
 SAMPLER_KINDS = ("shuffle", "balanced")
@@ -49,7 +55,8 @@ class SamplerParams(Params):
     """How a training epoch draws its rows: ``shuffle`` (each row once, the default) or
     ``balanced`` (rows drawn with replacement so that ``task``'s classes come up equally often)."""
 
-    kind: str = "shuffle"
+    kind: str = Field("shuffle",
+                      description="shuffle (each row once per epoch) or balanced (classes of task equally often)")
     #: the classification task whose classes are balanced (``kind: balanced`` only)
     task: Optional[str] = None
 
@@ -69,17 +76,26 @@ class SamplerParams(Params):
 
 
 class TrainingParams(Params):
-    optimizer: OptimizerParams = OptimizerParams()
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
+    optimizer: OptimizerParams = Field(OptimizerParams(), description="the optimizer and its hyper-parameters")
+    batch_size: int = Field(128, ge=1, description="training rows per step")
+    eval_batch_size: int = Field(256, ge=1,
+                                 description="rows per batch when evaluating and when computing teacher outputs")
     #: maximum number of epochs (early stopping may end sooner)
     epochs: int = Field(30, ge=1)
-    early_stopping: Optional[EarlyStoppingParams] = EarlyStoppingParams()
-    scheduler: Literal["none", "cosine"] = "none"
-    grad_clip: Optional[float] = Field(None, gt=0)
-    #: bf16 autocast on CUDA (ignored on CPU)
-    mixed_precision: bool = True
-    channels_last: bool = False
+    early_stopping: Optional[EarlyStoppingParams] = Field(EarlyStoppingParams(),
+                                                          description="stop when a validation metric stops improving "
+                                                                      "and keep the best epoch; null trains every "
+                                                                      "epoch")
+    scheduler: Literal["none", "cosine"] = Field("none",
+                                                 description="learning-rate schedule: constant (none) or cosine decay "
+                                                             "to 0 over the epochs")
+    grad_clip: Optional[float] = Field(None, gt=0,
+                                       description="clip the gradient norm to this value; null: no clipping")
+    #: autocast of the training step: ``off``, ``bf16`` (CUDA or CPU) or ``fp16`` (CUDA only, with a
+    #: gradient scaler); the losses are computed in fp32 either way (see docs/design.md)
+    mixed_precision: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = Field(False, description="channels_last memory format for the model and its 4-D image "
+                                                   "batches (any device; fastest on GPUs with tensor cores)")
     #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
     augment: Any = None
     #: with a frozen encoder part: train on its output computed once per image and stored as
@@ -87,6 +103,36 @@ class TrainingParams(Params):
     feature_cache: Literal["fp32", "fp16", "off"] = "fp32"
     #: ``{kind: balanced, task: <task>}`` draws class-balanced epochs (see docs/design.md)
     sampler: SamplerParams = SamplerParams()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _precision_word(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as False: that is the documented `off`. A True (`on`,
+        # `true`, the old boolean setting) names no precision, so it is refused with the choices.
+        if value is False:
+            return "off"
+        if value is True:
+            raise ValueError("must be off, bf16 or fp16: a boolean names no precision (YAML reads an unquoted "
+                             "on, yes or true as true)")
+        return value
+
+
+def autocast_dtype(mode: str, device: torch.device, where: str = "training.mixed_precision") -> torch.dtype | None:
+    """The autocast dtype of ``training.mixed_precision`` on ``device``; ``None`` when it is off.
+
+    bf16 runs on CUDA and on CPU; fp16 on CUDA only: CPU kernels in fp16 are slow and no more
+    exact than bf16, so fp16 on a CPU is a config error (``where`` names the key) rather than a
+    silent fallback. Other devices (``mps``) have no mixed precision here.
+    """
+    if mode == "off":
+        return None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    if device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16
+                                 and torch.amp.is_autocast_available("cpu")):
+        return dtype
+    supported = "bf16 or off" if device.type == "cpu" else "off"
+    raise DistillkitError(f"mixed precision '{mode}' is not available on device '{device}': fp16 runs on CUDA "
+                          f"only, bf16 on CUDA and CPU. Set {where} to {supported} on this device.", where=where)
 
 
 class Callbacks(Protocol):
@@ -190,8 +236,12 @@ def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_
     return out
 
 
-def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
+def score_of(metrics: Mapping[str, Any], metric: str,
+             tasks: Mapping[str, Task] | None = None) -> tuple[float, bool]:
     """(value, higher_is_better) of an early-stopping metric in a validation result.
+
+    The direction is the task's (``Task.metric_directions``: ``rmse`` is lower-is-better);
+    without ``tasks``, a task's metric counts as higher-is-better.
 
     A metric the result does not hold is a user error: read as NaN, a misspelt name would
     silently keep epoch 0 and stop after ``patience`` epochs.
@@ -201,7 +251,8 @@ def score_of(metrics: Mapping[str, Any], metric: str) -> tuple[float, bool]:
     else:
         task, _, key = metric.partition(".")
         sub = metrics.get(task)
-        value, higher = (sub.get(key) if isinstance(sub, Mapping) else None), True
+        value = sub.get(key) if isinstance(sub, Mapping) else None
+        higher = higher_is_better((tasks or {}).get(task), key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         known = [name for name, key in (("val_loss", "loss"), ("val_kd", "kd")) if key in metrics]
         known += [f"{t}.{k}" for t, sub in metrics.items() if isinstance(sub, Mapping)
@@ -225,53 +276,40 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         use_labels: bool = True, soft_targets: SoftTargets | None = None, val_soft_targets: SoftTargets | None = None,
         alpha: float = 0.0, tau: Mapping[str, float] | None = None, callbacks: Callbacks | None = None,
         augment: Callable[[Tensor], Tensor] | None = None,
-        stage: str = "stage", model_meta: Mapping[str, Any] | None = None) -> FitResult:
+        stage: str = "stage", model_meta: Mapping[str, Any] | None = None,
+        batch_seed: int | None = None) -> FitResult:
     """Train ``model`` on ``train``; keep the best epoch by the validation metric.
 
     ``workdir`` receives ``last.safetensors`` (model, optimizer, RNG and loop state, written
     after every epoch) and ``best.safetensors``; if ``last.safetensors`` exists the loop resumes
     from it, so an interrupted stage continues where it stopped and ends with the same weights.
+    A distillation stage passes ``soft_targets`` (and ``val_soft_targets`` for ``val_kd``),
+    ``alpha`` (the soft term's weight) and ``tau``; an unlabeled one ``use_labels=False``.
+    ``params.mixed_precision`` autocasts the training step's forward pass only: the losses,
+    validation and the soft targets run in fp32.
+    ``batch_seed`` (default ``seed``) orders the batches; when given, the augmentation draws
+    from it too rather than from the model's random state, so models that share a
+    ``batch_seed`` see the same augmented batches (:func:`fit_together` relies on this).
     """
     callbacks = callbacks or NullCallbacks()
     tau = dict(tau or {})
     es = params.early_stopping
-    metric = es.metric if es else None
-    if metric is not None and "." in metric and metric.partition(".")[0] not in tasks:
-        # a model that does not learn the metric's task (a subset teacher of an ensemble whose
-        # run early-stops on another task's metric) stops on its own validation loss
-        metric = "val_loss"
-    if metric == "val_loss" and not use_labels:
-        metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
-    model.to(device)
-    if params.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.optimizer)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-                 if params.scheduler == "cosine" else None)
-    autocast = device.type == "cuda" and params.mixed_precision
+    metric = _monitored_metric(es, tasks, use_labels)
+    amp_dtype = autocast_dtype(params.mixed_precision, device)
+    optimizer, scheduler = _placed_with_optimizer(model, params, device)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
+    # A disabled scaler passes scale/step/update straight through to the plain fp32 step.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     workdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
-
-    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
     torch.manual_seed(hash_seed(seed, stage, "init"))
-    if last_path.exists():
-        tensors, meta = load_tensors(last_path, STATE_FORMAT)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
-        if scheduler is not None and meta.get("scheduler"):
-            scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        state = meta["loop"]
-        # The checkpoint, not the log, is the record: a crash between writing the two loses
-        # or repeats a log line, so the log is rewritten from the checkpoint's history.
-        log_path.unlink(missing_ok=True)
-        for record in state["history"]:
-            append_jsonl(log_path, record)
+    state = _resume(last_path, log_path, model, optimizer, scheduler, scaler) or _fresh_state()
 
     steps = math.ceil(len(train) / params.batch_size)
     row_weights = sampler_weights(train, params.sampler)
+    order_seed = seed if batch_seed is None else batch_seed
     # A run that already stopped early stays stopped: resuming it must not train on.
-    first_epoch = params.epochs if es is not None and state["bad_epochs"] >= es.patience else state["epoch"]
+    first_epoch = params.epochs if _stopped(es, state) else state["epoch"]
     for epoch in range(first_epoch, params.epochs):
         model.train()
         callbacks.on_epoch_start(epoch, params.epochs, steps)
@@ -279,76 +317,22 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         # host synchronisation); the epoch's sums and any NaN step are read once, at its end.
         step_losses = torch.zeros(steps, 1 + len(tasks), device=device)
         step_rows: list[int] = []
-        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                                     row_weights=row_weights,
+        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=order_seed,
+                                                     epoch=epoch, row_weights=row_weights,
                                                      device=device, tasks=list(tasks) if use_labels else None)):
             if augment is not None:  # before the teachers: they must see the same view
-                batch = Batch(batch.index, augment(batch.inputs), batch.targets)
+                batch = _augmented(batch, augment, batch_seed, epoch, step)
             targets = batch.targets if use_labels else None
             soft = soft_targets(batch) if soft_targets is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = forward_tasks(model, tasks, batch.inputs, targets, soft, train=True)
-            loss, parts = loss_fn(tasks, logits, targets, soft, alpha, tau)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            optimizer.step()
-            step_losses[step] = torch.stack([loss.detach(), *(parts[t] for t in tasks)])
+            step_losses[step] = _train_step(model, tasks, loss_fn, optimizer, scaler, params, batch.inputs,
+                                            targets, soft, alpha, tau, amp_dtype)
             step_rows.append(len(batch.index))
             callbacks.on_step()
-        if scheduler is not None:
-            scheduler.step()
-        # A finite loss can still come with an update that overflowed the weights: those must
-        # not be saved below as the "last good checkpoint". (Two synchronisations per epoch.)
-        weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
-                                      if t.is_floating_point()]).all()
-        losses = step_losses[:len(step_rows)].cpu()
-        bad_steps = (~torch.isfinite(losses[:, 0])).nonzero()
-        nan_step = int(bad_steps[0]) if len(bad_steps) else -1
-        what = "loss"
-        if nan_step < 0 and not bool(weights_finite):
-            what = "weights"
-            nan_step = max(steps - 1, 0)  # only the epoch's last update can have done it
-        if nan_step >= 0:
-            raise DistillkitError(
-                f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {nan_step}; "
-                f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
-                "was kept.", where=str(workdir),
-                hint="Lower the learning rate, or check the inputs and labels for invalid values.")
-
-        val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
-                               val_soft_targets, tau) if len(val) else {}
-        rows = torch.tensor(step_rows, dtype=losses.dtype)
-        means = (losses * rows[:, None]).sum(0) / max(float(rows.sum()), 1.0)
-        record = {"epoch": epoch, "train_loss": float(means[0]),
-                  "train_parts": {t: float(means[1 + i]) for i, t in enumerate(tasks)},
-                  "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
-        improved = True
-        if metric is not None:
-            value, higher = score_of(val_metrics, metric)
-            record["monitor"] = {metric: value}
-            best = state["best_score"]
-            if math.isnan(value):
-                improved = best is None
-            elif best is not None and not math.isnan(best):  # a NaN best is beaten by any number
-                delta = (value - best) if higher else (best - value)
-                improved = delta > (es.min_delta if es else 0.0)
-            if improved:
-                state["best_score"] = value
-        if improved:
-            state["best_epoch"] = epoch
-            state["bad_epochs"] = 0
-            save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        state["history"].append(record)
-        stop = es is not None and state["bad_epochs"] >= es.patience
-        _save_state(last_path, model, optimizer, scheduler, state)
-        append_jsonl(log_path, record)
+        record = _end_epoch(model, tasks, loss_fn, val, params, device, optimizer, scheduler, scaler, state, metric,
+                            step_losses[:len(step_rows)], step_rows, stage, epoch, workdir, model_meta,
+                            val_soft_targets, tau)
         callbacks.on_epoch_end(epoch, record)
-        if stop:
+        if _stopped(es, state):
             break
 
     best_state, _ = load_model_state(best_path)
@@ -356,12 +340,317 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     return FitResult(best_epoch=state["best_epoch"], epochs_run=state["epoch"], history=state["history"])
 
 
-def _save_state(path: Path, model, optimizer, scheduler, loop_state) -> None:
+@dataclass
+class Member:
+    """One model trained by :func:`fit_together`: what :func:`fit` takes for it (``seed``,
+    ``workdir``, ``val``, ``stage`` as there), and its loop state while it trains."""
+
+    model: Student
+    tasks: Mapping[str, Task]
+    loss_fn: Loss
+    val: SplitData
+    seed: int
+    workdir: Path
+    model_meta: Mapping[str, Any] | None = None
+    callbacks: Callbacks | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    optimizer: Any = None
+    scheduler: Any = None
+    metric: str | None = None
+    rng: Any = None
+    scaler: Any = None
+    step_losses: Tensor | None = None
+
+
+def fit_together(members: Sequence[Member], train: SplitData, params: TrainingParams, *, device: torch.device,
+                 batch_seed: int, stage: str = "stage", augment: Callable[[Tensor], Tensor] | None = None,
+                 callbacks: Callbacks | None = None) -> list[FitResult]:
+    """Supervised training of several models on one batch stream: the same models as calling
+    :func:`fit` on each in turn with this ``batch_seed``, for one pass over the data per epoch.
+
+    Each batch is drawn, augmented and moved to ``device`` once; then every model still
+    training takes its step on it, under its own random state (swapped in and out of torch's
+    global CPU generator, and the device's on CUDA, as a run of :func:`fit` alone would have
+    left them), with its own
+    optimizer. Every model keeps its own ``workdir`` files, written as :func:`fit` writes them:
+    a killed run resumes each from its ``last.safetensors``, even at different epochs. A model
+    that stopped early is skipped for the remaining epochs and keeps its best epoch.
+    ``callbacks`` reports progress over the shared stream; each member's own ``callbacks``
+    receives its ``on_epoch_end``.
+    """
+    callbacks = callbacks or NullCallbacks()
+    es = params.early_stopping
+    amp_dtype = autocast_dtype(params.mixed_precision, device)
+    for m in members:
+        m.metric = _monitored_metric(es, m.tasks, True)
+        m.optimizer, m.scheduler = _placed_with_optimizer(m.model, params, device)
+        m.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one per optimizer
+        m.workdir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(hash_seed(m.seed, stage, "init"))
+        m.state = (_resume(m.workdir / "last.safetensors", m.workdir / "log.jsonl", m.model, m.optimizer,
+                           m.scheduler, m.scaler) or _fresh_state())
+        m.rng = _rng_state(device)
+    names = list(dict.fromkeys(t for m in members for t in m.tasks))
+    steps = math.ceil(len(train) / params.batch_size)
+    row_weights = sampler_weights(train, params.sampler)
+    for epoch in range(params.epochs):
+        # after a kill between two members' checkpoints, some are an epoch ahead: they wait
+        group = [m for m in members if m.state["epoch"] == epoch and not _stopped(es, m.state)]
+        if not group:
+            continue
+        callbacks.on_epoch_start(epoch, params.epochs, steps)
+        for m in group:
+            m.model.train()
+            m.step_losses = torch.zeros(steps, 1 + len(m.tasks), device=device)
+        step_rows: list[int] = []
+        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=batch_seed,
+                                                     epoch=epoch, row_weights=row_weights, device=device,
+                                                     tasks=names)):
+            if augment is not None:
+                batch = _augmented(batch, augment, batch_seed, epoch, step)
+            for m in group:
+                _set_rng_state(device, m.rng)
+                targets = {t: batch.targets[t] for t in m.tasks}
+                m.step_losses[step] = _train_step(m.model, m.tasks, m.loss_fn, m.optimizer, m.scaler, params,
+                                                  batch.inputs, targets, None, 0.0, {}, amp_dtype)
+                m.rng = _rng_state(device)
+            step_rows.append(len(batch.index))
+            callbacks.on_step()
+        for m in group:
+            _set_rng_state(device, m.rng)
+            record = _end_epoch(m.model, m.tasks, m.loss_fn, m.val, params, device, m.optimizer, m.scheduler,
+                                m.scaler, m.state, m.metric, m.step_losses[:len(step_rows)], step_rows, stage, epoch,
+                                m.workdir, m.model_meta, None, {})
+            m.rng = _rng_state(device)
+            m.step_losses = None
+            (m.callbacks or NullCallbacks()).on_epoch_end(epoch, record)
+    results = []
+    for m in members:
+        best_state, _ = load_model_state(m.workdir / "best.safetensors")
+        m.model.load_state_dict(best_state)
+        results.append(FitResult(best_epoch=m.state["best_epoch"], epochs_run=m.state["epoch"],
+                                 history=m.state["history"]))
+    return results
+
+
+# -- the loop's named steps --------------------------------------------------------------------
+
+def _monitored_metric(es: EarlyStoppingParams | None, tasks: Mapping[str, Task], use_labels: bool) -> str | None:
+    """The validation metric that picks the best epoch (``None``: no early stopping, the last epoch)."""
+    metric = es.metric if es else None
+    if metric is not None and "." in metric and metric.partition(".")[0] not in tasks:
+        # a model that does not learn the metric's task (a subset teacher of an ensemble whose
+        # run early-stops on another task's metric) stops on its own validation loss
+        metric = "val_loss"
+    if metric == "val_loss" and not use_labels:
+        metric = "val_kd"  # an unlabeled stage never reads labels, not even for early stopping
+    return metric
+
+
+def fp32_logits(logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every task's floating-point logits as fp32 (a no-op outside autocast), so that any task's
+    loss, including a plugin's that does not cast, runs in fp32."""
+    return {name: z.float() if torch.is_tensor(z) and z.is_floating_point() else z for name, z in logits.items()}
+
+
+def laid_out(inputs: Tensor, channels_last: bool) -> Tensor:
+    """``inputs`` in channels_last memory format when asked and they are a 4-D image batch (N, C, H, W);
+    anything else (feature vectors, token ids, cached 2-D features) unchanged. The values
+    are the same: only the order of the elements in memory changes."""
+    if channels_last and inputs.dim() == 4:
+        return inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def _placed_with_optimizer(model: Student, params: TrainingParams, device: torch.device):
+    """Move ``model`` to ``device`` (its 4-D weights channels-last if asked); its optimizer and scheduler."""
+    model.to(device)
+    if params.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.optimizer)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
+                 if params.scheduler == "cosine" else None)
+    return optimizer, scheduler
+
+
+def _fresh_state() -> dict[str, Any]:
+    """The loop state before the first epoch (saved in ``last.safetensors`` as it is)."""
+    return {"epoch": 0, "best_score": None, "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+
+def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.optim.Optimizer,
+            scheduler, scaler: torch.amp.GradScaler) -> dict[str, Any] | None:
+    """Restore model, optimizer, scheduler, gradient scaler (fp16) and RNG from ``last.safetensors``
+    and return the loop state saved with them; ``None`` when there is nothing to resume."""
+    if not last_path.exists():
+        return None
+    tensors, meta = load_tensors(last_path, STATE_FORMAT)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_tensors(optimizer, tensors, meta["optimizer"])
+    if scheduler is not None and meta.get("scheduler"):
+        scheduler.load_state_dict(meta["scheduler"])
+    if scaler.is_enabled() and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])  # the loss scale it had reached, not the initial 2^16
+    torch.set_rng_state(tensors["rng.torch"])
+    state = meta["loop"]
+    # The checkpoint, not the log, is the record: a crash between writing the two loses
+    # or repeats a log line, so the log is rewritten from the checkpoint's history.
+    log_path.unlink(missing_ok=True)
+    for record in state["history"]:
+        append_jsonl(log_path, record)
+    return state
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Torch's global CPU generator state, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _augmented(batch: Batch, augment: Callable[[Tensor], Tensor], batch_seed: int | None, epoch: int,
+               step: int) -> Batch:
+    """The batch as ``augment`` changes it: drawn from the model's random state, or with a
+    ``batch_seed`` from a generator of its own (seeded by it, the epoch and the step)."""
+    if batch_seed is None:
+        return Batch(batch.index, augment(batch.inputs), batch.targets)
+    devices = [batch.inputs.device] if batch.inputs.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(hash_seed(batch_seed, "augment", epoch, step))
+        return Batch(batch.index, augment(batch.inputs), batch.targets)
+
+
+def _train_step(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, params: TrainingParams, inputs: Tensor, targets, soft, alpha: float,
+                tau: Mapping[str, float], amp_dtype: torch.dtype | None) -> Tensor:
+    """One optimizer step on a batch; the step's loss and per-task parts (on the device).
+
+    ``amp_dtype`` (from :func:`autocast_dtype`) autocasts the forward pass only; ``scaler`` is
+    the fp16 gradient scaler (disabled otherwise, when it passes the plain step through).
+    """
+    inputs = laid_out(inputs, params.channels_last)
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
+    # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
+    # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
+    loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if params.grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+    scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
+    scaler.update()
+    return torch.stack([loss.detach(), *(parts[t] for t in tasks)])
+
+
+def _end_epoch(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, val: SplitData, params: TrainingParams,
+               device: torch.device, optimizer, scheduler, scaler: torch.amp.GradScaler | None,
+               state: dict[str, Any], metric: str | None,
+               step_losses: Tensor, step_rows: list[int], stage: str, epoch: int, workdir: Path,
+               model_meta: Mapping[str, Any] | None, val_soft_targets: SoftTargets | None,
+               tau: Mapping[str, float]) -> dict[str, Any]:
+    """After an epoch's steps: the finite check, validation, early-stopping bookkeeping and the
+    epoch's files (``best``, ``last``, the log line); returns the log record."""
+    es = params.early_stopping
+    last_path, best_path = workdir / "last.safetensors", workdir / "best.safetensors"
+    if scheduler is not None:
+        scheduler.step()
+    losses = _check_finite(model, step_losses, len(step_losses), stage, epoch, last_path, workdir)
+    val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
+                           val_soft_targets, tau) if len(val) else {}
+    record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
+    if _track_best(state, metric, val_metrics, tasks, record, es.min_delta if es else 0.0):
+        state["best_epoch"] = epoch
+        state["bad_epochs"] = 0
+        save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    state["history"].append(record)
+    _save_state(last_path, model, optimizer, scheduler, state, scaler)
+    append_jsonl(workdir / "log.jsonl", record)
+    return record
+
+
+def _stopped(es: EarlyStoppingParams | None, state: Mapping[str, Any]) -> bool:
+    return es is not None and state["bad_epochs"] >= es.patience
+
+
+def _check_finite(model: Student, step_losses: Tensor, steps: int, stage: str, epoch: int, last_path: Path,
+                  workdir: Path) -> Tensor:
+    """The epoch's step losses on the host; an error if a loss or a weight is NaN or infinite.
+
+    A finite loss can still come with an update that overflowed the weights: those must not
+    be saved as the "last good checkpoint". (Two synchronisations per epoch.)
+    """
+    weights_finite = torch.stack([t.isfinite().all() for t in model.state_dict().values()
+                                  if t.is_floating_point()]).all()
+    losses = step_losses.cpu()
+    bad_steps = (~torch.isfinite(losses[:, 0])).nonzero()
+    nan_step = int(bad_steps[0]) if len(bad_steps) else -1
+    what = "loss"
+    if nan_step < 0 and not bool(weights_finite):
+        what = "weights"
+        nan_step = max(steps - 1, 0)  # only the epoch's last update can have done it
+    if nan_step >= 0:
+        raise DistillkitError(
+            f"the {what} became NaN or infinite in stage '{stage}' at epoch {epoch}, step {nan_step}; "
+            f"training stopped and the last good checkpoint ({last_path.name if last_path.exists() else 'none yet'}) "
+            "was kept.", where=str(workdir),
+            hint="Lower the learning rate, or check the inputs and labels for invalid values.")
+    return losses
+
+
+def _epoch_record(epoch: int, losses: Tensor, step_rows: list[int], tasks: Mapping[str, Task],
+                  optimizer: torch.optim.Optimizer, val_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The epoch's log line: row-weighted mean training losses, learning rate, validation scalars."""
+    rows = torch.tensor(step_rows, dtype=losses.dtype)
+    means = (losses * rows[:, None]).sum(0) / max(float(rows.sum()), 1.0)
+    return {"epoch": epoch, "train_loss": float(means[0]),
+            "train_parts": {t: float(means[1 + i]) for i, t in enumerate(tasks)},
+            "lr": optimizer.param_groups[0]["lr"], "val": _scalars(val_metrics)}
+
+
+def _track_best(state: dict[str, Any], metric: str | None, val_metrics: Mapping[str, Any],
+                tasks: Mapping[str, Task], record: dict[str, Any], min_delta: float) -> bool:
+    """Whether this epoch is the best so far (then its score becomes ``state["best_score"]``);
+    the monitored value goes into ``record``. Without a metric every epoch is the best; the
+    metric's direction is its task's (``Task.metric_directions``)."""
+    if metric is None:
+        return True
+    value, higher = score_of(val_metrics, metric, tasks)
+    record["monitor"] = {metric: value}
+    if not _improved(value, state["best_score"], higher, min_delta):
+        return False
+    state["best_score"] = value
+    return True
+
+
+def _improved(new: float, best: float | None, higher: bool, min_delta: float) -> bool:
+    """Whether ``new`` beats ``best`` by more than ``min_delta`` in the metric's direction.
+
+    The first score always counts; a NaN never beats a number, and any number beats a NaN best.
+    """
+    if math.isnan(new):
+        return best is None
+    if best is None or math.isnan(best):
+        return True
+    delta = (new - best) if higher else (best - new)
+    return delta > min_delta
+
+
+def _save_state(path: Path, model, optimizer, scheduler, loop_state, scaler: torch.amp.GradScaler | None = None) -> None:
     tensors, optim_meta = optimizer_to_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"format": STATE_FORMAT, "optimizer": optim_meta, "loop": loop_state,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None}
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     save_tensors(path, tensors, meta)
 
 

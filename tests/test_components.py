@@ -40,6 +40,7 @@ def test_shipped_sweep_validates_every_grid_point(path):
 
 TASK_LABELS = {
     "classification": (["a", "b", "a", None], ["b", "a", "a", "b"]),
+    "regression": (["1.5", "2.0", None, "4.0"], ["2.5", "-1.0", "3.0", None]),
     "caption": (["dot blot haemorrhage", "optic disc cupping", None, "dot haemorrhage"],
                 ["optic disc haemorrhage", "dot blot", "cupping", "disc"]),
 }
@@ -71,7 +72,10 @@ def test_task_forward_losses_and_self_distillation(name):
     metrics = task.metrics()
     metrics.update(task.predict(head, features), target)
     result = metrics.compute()
-    assert 0.0 <= result[task.primary_metric] <= 1.0
+    if task.metric_directions.get(task.primary_metric, "max") == "max":
+        assert 0.0 <= result[task.primary_metric] <= 1.0
+    else:  # an error (RMSE): finite, and above 0 for a random head
+        assert 0.0 < result[task.primary_metric] < float("inf")
 
 
 def _encoder_input(name: str) -> torch.Tensor:
@@ -147,22 +151,6 @@ def test_student_builds_one_head_per_task(name):
     student = build_student(params, tasks, REGISTRIES)
     assert set(student.heads) == {"a", "b"}
     assert student.heads["a"](student.features(torch.randn(2, 8))).shape == (2, 3)
-
-
-@pytest.mark.parametrize("name", REGISTRIES.metric.names())
-def test_metric_functions(name):
-    fn = REGISTRIES.metric.get(name)
-    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
-    y = torch.tensor([0, 1, 1])
-    if name == "accuracy":
-        assert fn(probs, y) == pytest.approx(1 / 3)
-    elif name == "topk_accuracy":
-        assert fn(probs, y, k=2) == pytest.approx(1.0)
-    elif name == "confusion_matrix":
-        assert fn(probs.argmax(-1), y, 3).tolist() == [[1, 0, 0], [1, 0, 1], [0, 0, 0]]
-    elif name.startswith("bleu"):
-        ref = [["the", "optic", "disc", "is", "cupped"]]
-        assert fn(ref, ref) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("name", REGISTRIES.loss.names())

@@ -28,7 +28,7 @@ class ClassificationParams(Params):
     weight: float = Field(1.0, ge=0)
     #: hidden width of the dense-ReLU-dense head; 0 gives a single linear layer
     hidden: int = Field(256, ge=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability in the head, before its last layer")
     #: top-k accuracies to report (1 is always reported as "accuracy")
     topk: list[int] = Field(default_factory=lambda: [1])
     #: classes seen fewer times than this in training are folded into "other" (0 keeps all)
@@ -49,6 +49,8 @@ class ClassificationTask(Task):
 
     Params = ClassificationParams
     primary_metric = "accuracy"
+    # the rest of the metrics (accuracy, top-k, balanced accuracy, F1, AUC, ...) are "max"
+    metric_directions = {"ece": "min", "unseen": "min"}
 
     def __init__(self, name: str, params: ClassificationParams):
         super().__init__(name, params)
@@ -104,6 +106,20 @@ class ClassificationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def topk(self) -> tuple[int, ...]:
+        return tuple(self.params.topk)
+
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        # Balanced accuracy, the majority-class rate and macro AUC beside accuracy, so an
+        # accuracy that merely equals the majority rate shows at a glance.
+        return [("accuracy", "accuracy"), ("balanced_accuracy", "bal. acc"), ("majority_rate", "majority"),
+                ("macro_auc", "AUC")] + [(f"top{k}", f"top-{k}") for k in self.topk if k > 1]
 
     # model --------------------------------------------------------------------------------
     def build_head(self, in_features: int) -> nn.Module:

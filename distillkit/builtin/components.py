@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
-from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Task, Teacher
+from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Teacher
 
 
 class MLPParams(EncoderParams):
     kind: str = "mlp"
     #: size of one flattened input row
     in_features: int = Field(8, ge=1)
-    hidden: int = Field(64, ge=1)
-    depth: int = Field(2, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    hidden: int = Field(64, ge=1, description="width of every hidden layer (and of the features)")
+    depth: int = Field(2, ge=1, description="number of Linear-ReLU-Dropout blocks")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability after every block")
 
 
 class MLPEncoder(Encoder):
@@ -43,7 +43,8 @@ class MLPEncoder(Encoder):
         self.out_features = params.hidden
 
     def preprocess(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.flatten(1).float()
+        # the layers' dtype: float32, or float64 for a model made double (exactness tests)
+        return inputs.flatten(1).to(self.net[0].weight.dtype)
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         # Slices of ``net`` (the same modules), so state-dict keys stay ``net.<i>.*``.
@@ -62,11 +63,6 @@ class MultiTaskStudent(Student):
     Params = MultiTaskParams
     nested = {"encoder": "encoder"}
 
-    @classmethod
-    def build(cls, params: MultiTaskParams, tasks: Mapping[str, Task], registries: Any) -> "MultiTaskStudent":
-        encoder_cls = registries.encoder.get(params.encoder.kind)
-        return cls(encoder_cls(params.encoder), tasks)
-
 
 class MeanParams(Params):
     kind: str = "mean"
@@ -84,31 +80,50 @@ class MeanPolicy(AggregationPolicy):
 
 class ValScoreParams(Params):
     kind: str = "val_score"
-    #: weights proportional to score ** power (score: the teacher's validation primary metric)
+    #: weights proportional to score ** power (score: the teacher's validation primary metric;
+    #: for a lower-is-better metric such as RMSE, (1 / score) ** power)
     power: float = Field(1.0, ge=0)
-    #: floor so that a teacher with score 0 keeps a little weight
+    #: floor so that a teacher with score 0 keeps a little weight (for a lower-is-better
+    #: metric: the smallest error counted, so a perfect teacher's weight stays finite)
     floor: float = Field(1e-3, ge=0)
 
 
 class ValScorePolicy(AggregationPolicy):
-    """Weights each teacher by its validation score on the task (better teachers count more)."""
+    """Weights each teacher by its validation score on the task (better teachers count more).
+
+    The score's direction comes from the teacher (``Teacher.score_directions``): a higher
+    accuracy or a lower RMSE gives more weight. A teacher without a score gets the floor
+    (higher is better) or no weight (lower is better); teachers that all lack one share equally.
+    """
 
     Params = ValScoreParams
 
     def weights(self, task: str, teachers: Sequence[Teacher]) -> list[float]:
+        floor, power = self.params.floor, self.params.power
         raw = []
         for t in teachers:
             s = t.scores.get(task, math.nan)
-            s = 0.0 if s is None or math.isnan(s) else max(float(s), 0.0)
-            raw.append(max(s, self.params.floor) ** self.params.power)
+            known = s is not None and math.isfinite(float(s))
+            if t.score_directions.get(task, "max") == "min":
+                # an error: weight (1 / error) ** power; without a score, no weight (set below if all lack one)
+                error = max(float(s), floor) if known else math.inf
+                raw.append(0.0 if math.isinf(error) else
+                           1.0 if power == 0 else math.inf if error <= 0 else (1.0 / error) ** power)
+            else:
+                s = max(float(s), 0.0) if known else 0.0
+                raw.append(max(s, floor) ** power)
+        if any(math.isinf(w) for w in raw):  # a perfect teacher (error 0, no floor) takes all the weight
+            raw = [1.0 if math.isinf(w) else 0.0 for w in raw]
+        if sum(raw) <= 0:
+            raw = [1.0] * len(raw)
         total = sum(raw)
         return [w / total for w in raw]
 
 
 class CheckpointTeacherParams(Params):
     kind: str = "checkpoint"
-    path: str
-    name: str | None = None
+    path: str = Field(description="a distillkit model file (.safetensors); relative to the config's folder")
+    name: str | None = Field(None, description="the teacher's label in logs and tables (default: the file name)")
 
 
 class CheckpointTeacher:

@@ -8,8 +8,10 @@ from distillkit.plugins import hookimpl
 @hookimpl
 def register_tasks(register):
     from distillkit.builtin.classification import ClassificationTask
+    from distillkit.builtin.regression import RegressionTask
 
     register("classification", ClassificationTask)
+    register("regression", RegressionTask)
 
 
 @hookimpl
@@ -50,9 +52,10 @@ def register_aggregations(register):
 
 @hookimpl
 def register_datasets(register):
-    from distillkit.builtin.toy import ToyBlobs
+    from distillkit.builtin.toy import ToyBlobs, ToyRegression
 
     register("toy_blobs", ToyBlobs)
+    register("toy_regression", ToyRegression)
 
 
 @hookimpl
@@ -60,15 +63,6 @@ def register_augmentations(register):
     from distillkit.builtin.components import GaussianNoise
 
     register("gaussian_noise", GaussianNoise)
-
-
-@hookimpl
-def register_metrics(register):
-    from distillkit.builtin import metrics
-
-    register("accuracy", metrics.accuracy)
-    register("topk_accuracy", metrics.topk_accuracy)
-    register("confusion_matrix", metrics.confusion_matrix)
 
 
 @hookimpl

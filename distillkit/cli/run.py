@@ -23,10 +23,11 @@ def run(config: Path, out: Path | None, overrides: tuple[str, ...], quiet: bool)
     from distillkit.config import load_config
     from distillkit.plugins import get_plugin_manager
     from distillkit.progress import Reporter
+    from distillkit.rundir import RunLayout
     from distillkit.runner import Runner
 
     registries = get_plugin_manager().registries
     cfg = load_config(config, registries, list(overrides))
     run_dir = out if out is not None else Path("runs") / cfg.name
     Runner(cfg, registries, run_dir, Reporter(quiet=quiet)).run()
-    click.echo(f"results: {run_dir / 'metrics.json'}", err=True)
+    click.echo(f"results: {RunLayout(run_dir).metrics}", err=True)

@@ -16,11 +16,15 @@ def validate(config: Path, overrides: tuple[str, ...]) -> None:
     from distillkit.config import load_config
     from distillkit.feature_cache import check_frozen_encoders
     from distillkit.plugins import get_plugin_manager
-    from distillkit.runner import describe_plan, plan
+    from distillkit.runner import check_mixed_precision, describe_plan, plan
 
     registries = get_plugin_manager().registries
     cfg = load_config(config, registries, list(overrides))
     check_frozen_encoders(cfg.student, registries, cfg.file)
+    if cfg.device == "cpu":  # `auto` or `cuda` may run elsewhere: only an explicit CPU is known here
+        import torch
+
+        check_mixed_precision(cfg, torch.device("cpu"))
     planned = plan(cfg, registries)
     click.echo(f"{config}: valid. {len(cfg.tasks)} task(s), {len(planned)} stage(s).")
     for name, task in cfg.tasks.items():

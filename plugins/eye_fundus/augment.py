@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import Params
+from distillkit import DistillkitError, Params
 
 
 class FundusJitterParams(Params):

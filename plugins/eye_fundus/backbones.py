@@ -25,8 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision import models
 
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import Encoder, EncoderParams
+from distillkit import DistillkitError, Encoder, EncoderParams
 
 Tensor = torch.Tensor
 

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import MetricAccumulator, Params, Task
-from distillkit.losses import kl_rows, tempered_probs
+from distillkit import DistillkitError, MetricAccumulator, Params, Task, kl_rows, tempered_probs
 from eye_fundus.bleu import EOS_TOKEN, PAD_TOKEN, SOS_TOKEN, UNK_TOKEN, corpus_bleu, sentence_bleu_average, strip_special
 
 Tensor = torch.Tensor
@@ -57,12 +55,13 @@ class CaptionParams(Params):
     reduction: Literal["sum", "mean"] = "mean"
     #: words per caption; longer captions are truncated (the paper: 14)
     max_length: int = Field(14, ge=1)
-    embedding_dim: int = Field(256, ge=1)
-    hidden_dim: int = Field(512, ge=1)
+    embedding_dim: int = Field(256, ge=1, description="size of the word embeddings (the paper: 256)")
+    hidden_dim: int = Field(512, ge=1, description="LSTM hidden size (the paper: 512)")
     #: probability of reading the reference token (not the model's own) at each training step
     teacher_forcing: float = Field(0.5, ge=0, le=1)
-    decode: Literal["greedy", "beam"] = "greedy"
-    beam_size: int = Field(3, ge=1)
+    decode: Literal["greedy", "beam"] = Field("greedy",
+                                              description="inference decoding: greedy (the paper) or beam search")
+    beam_size: int = Field(3, ge=1, description="beams of beam decoding")
     #: the primary metric: corpus BLEU-4, or the mean of smoothed sentence BLEU-4 (the paper's)
     bleu: Literal["corpus", "sentence_average"] = "corpus"
 
@@ -122,6 +121,8 @@ class CaptionTask(Task):
         self._index: dict[str, int] = {}
         #: the captions kept by ``min_caption_count`` (None: all of them)
         self._kept: set[str] | None = None
+        #: the most frequent training caption (tokens): the baseline ``bleu_constant`` scores
+        self.most_frequent: list[str] | None = None
 
     # labels -------------------------------------------------------------------------------
     def fit(self, labels: Sequence[str | None]) -> None:
@@ -130,6 +131,10 @@ class CaptionTask(Task):
             captions = Counter(" ".join(tokenize(text)) for text in labels if text is not None)
             self._kept = {c for c, n in captions.items() if n >= self.params.min_caption_count and c}
             labels = [t if t is not None and " ".join(tokenize(t)) in self._kept else None for t in labels]
+        captions = Counter(" ".join(words) for text in labels if text is not None
+                           for words in [tokenize(text)[: self.params.max_length]] if words)
+        # ties alphabetical, so the baseline never depends on row order
+        self.most_frequent = min(captions, key=lambda c: (-captions[c], c)).split() if captions else None
         counts = Counter(w for text in labels if text is not None for w in tokenize(text))
         # Most frequent first, ties alphabetical, so the vocabulary never depends on row order.
         ranked = sorted((w for w, n in counts.items() if n >= self.params.min_count and w not in SPECIALS),
@@ -188,6 +193,8 @@ class CaptionTask(Task):
         state: dict[str, Any] = {"vocabulary": list(self.vocabulary)}
         if self._kept is not None:
             state["kept_captions"] = sorted(self._kept)
+        if self.most_frequent is not None:
+            state["most_frequent_caption"] = " ".join(self.most_frequent)
         return state
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -198,6 +205,8 @@ class CaptionTask(Task):
         self._set_vocabulary(vocabulary)
         kept = state.get("kept_captions")
         self._kept = set(kept) if kept is not None else None
+        frequent = state.get("most_frequent_caption")  # absent from older checkpoints: no baseline
+        self.most_frequent = frequent.split() if frequent else None
 
     # model --------------------------------------------------------------------------------
     def build_head(self, in_features: int) -> nn.Module:
@@ -396,22 +405,34 @@ class CaptionTask(Task):
     # evaluation ---------------------------------------------------------------------------
     def metrics(self) -> MetricAccumulator:
         self._require_fit()
-        return CaptionMetrics(self.vocabulary, self.params.bleu)
+        constant = None
+        if self.most_frequent is not None:  # as the model would write it: unknown words become <unk>
+            constant = [w if w in self._index else UNK_TOKEN for w in self.most_frequent]
+        return CaptionMetrics(self.vocabulary, self.params.bleu, constant)
+
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        # BLEU beside always writing the most frequent training caption: a text head that has
+        # learned nothing but that caption shows at a glance.
+        return [(self.primary_metric, self.primary_metric), ("bleu_constant", "most frequent")]
 
     def describe(self) -> str:
         return f"diagnosis text of '{self.field}', vocabulary {self.num_words}, up to {self.params.max_length} words"
 
 
 class CaptionMetrics(MetricAccumulator):
-    """Corpus BLEU-4 and mean sentence BLEU-4 of decoded captions over a whole split.
+    """Corpus BLEU-4 and mean sentence BLEU-4 of decoded captions over a whole split, and
+    ``bleu_constant``: the primary BLEU of writing the most frequent training caption for
+    every row (the baseline a text head must beat).
 
     References are the encoded captions (truncated to ``max_length`` words, as the paper
     does); an out-of-vocabulary reference word can never be matched.
     """
 
-    def __init__(self, vocabulary: Sequence[str], primary: str = "corpus"):
+    def __init__(self, vocabulary: Sequence[str], primary: str = "corpus", constant: Sequence[str] | None = None):
         self.vocabulary = list(vocabulary)
         self.primary = primary
+        #: the most frequent training caption: ``bleu_constant`` scores writing it for every row
+        self.constant = None if constant is None else list(constant)
         # Kept as tensors until compute(): no host sync per batch.
         self._batches: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -431,5 +452,10 @@ class CaptionMetrics(MetricAccumulator):
                     references.append(self._words(r, REFERENCE_UNK))
         corpus = corpus_bleu(references, hypotheses)
         sentence = sentence_bleu_average(references, hypotheses)
-        return {"bleu": corpus if self.primary == "corpus" else sentence,
-                "bleu_corpus": corpus, "bleu_sentence_avg": sentence, "n": len(hypotheses)}
+        out = {"bleu": corpus if self.primary == "corpus" else sentence,
+               "bleu_corpus": corpus, "bleu_sentence_avg": sentence, "n": len(hypotheses)}
+        if self.constant is not None:
+            always = [list(self.constant)] * len(references)
+            out["bleu_constant"] = (corpus_bleu(references, always) if self.primary == "corpus"
+                                    else sentence_bleu_average(references, always))
+        return out

@@ -19,46 +19,6 @@ def import_odir_command(xlsx: Path, image_dir: Path, out_csv: Path) -> None:
     click.echo(str(report) if report is not None else f"wrote {out_csv}")
 
 
-@click.command("predict")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON list (every class's probability included).")
-@click.option("--image-size", type=click.IntRange(min=8), default=None,
-              help="Side the images are resized to; must be what the model was trained on. Default: the "
-                   "data.image_size of the run the checkpoint lies in, else 64.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="Classes shown per classification task (default: the task's largest topk, e.g. 1 for the "
-                   "broad disease and 5 for the fine sub-category).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def predict_command(checkpoint: Path, images: tuple[Path, ...], as_json: bool, image_size: int | None,
-                    top_k: int | None, device: str) -> None:
-    """Predict every task of CHECKPOINT (a model .safetensors file) for IMAGE files or folders.
-
-    Prints, per image, the top classes with their probabilities for each classification task
-    (broad disease, fine sub-categories) and the generated text of each caption task.
-    """
-    import json
-
-    from distillkit.models import load_model
-    from distillkit.plugins import get_plugin_manager
-    from distillkit.runner import resolve_device
-    from eye_fundus.predict import collect_images, decode_images, format_prediction, image_size_for, predict_images
-
-    loaded = load_model(checkpoint, get_plugin_manager().registries, resolve_device(device))
-    if image_size is None:
-        image_size, source = image_size_for(checkpoint, loaded.meta)
-        if source == "the default":
-            click.echo(f"note: {checkpoint} does not record its image size; using {image_size} px "
-                       "(pass --image-size to change it).", err=True)
-    files = collect_images(images)
-    results = predict_images(loaded.model, loaded.tasks, decode_images(files, image_size), top_k)
-    if as_json:
-        click.echo(json.dumps([{"image": str(f), "tasks": r} for f, r in zip(files, results)], indent=2))
-        return
-    for f, r in zip(files, results):
-        click.echo("\n".join(format_prediction(str(f), r)))
-
-
 @click.command("eval-manifest")
 @click.argument("model", metavar="RUN_OR_CHECKPOINT", type=click.Path(exists=True, path_type=Path))
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
@@ -78,11 +38,7 @@ def eval_manifest_command(model: Path, manifest: Path, image_size: int | None, o
     The shortcut for `distillkit eval RUN_OR_CHECKPOINT --data data.yaml --split all` with a
     data.yaml holding `data: {kind: manifest, path: MANIFEST, image_size: N}`.
     """
-    from distillkit.cli.eval_cmd import run_eval
-    from distillkit.config import apply_overrides
-    from distillkit.data_spec import DataSpec
-    from distillkit.plugins import get_plugin_manager
-    from distillkit.rundir import RunDirectory, find_run_dir
+    from distillkit import DataSpec, RunDirectory, apply_overrides, find_run_dir, get_plugin_manager, run_eval
     from eye_fundus.predict import DEFAULT_IMAGE_SIZE
 
     if image_size is None:
@@ -115,6 +71,5 @@ def convert_weights_command(checkpoint: Path, out: Path, force: bool) -> None:
 
 def add_commands(cli: click.Group) -> None:
     cli.add_command(import_odir_command)
-    cli.add_command(predict_command)
     cli.add_command(eval_manifest_command)
     cli.add_command(convert_weights_command)

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from distillkit.data import DataContext, Dataset, DatasetSource
-from distillkit.errors import DistillkitError
-from distillkit.interfaces import Params
-from distillkit.io import read_json, write_json
+from distillkit import (DataContext, Dataset, DatasetSource, DistillkitError, Params, file_digests, read_json,
+                        write_json)
 
 from eye_fundus.image_store import load_image_store, open_npy, save_npy
 from eye_fundus.manifest import DEFAULT_FIELDS, ManifestColumns, read_manifest
+from eye_fundus.predict import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +54,31 @@ def _generator_version() -> str:
 # ------------------------------------------------------------------------------------------
 
 
+class ImageInputs:
+    """``distillkit predict`` reads image files as this source stores its images (uint8, its ``image_size``)."""
+
+    input_kind = "image"
+    input_suffixes = tuple(sorted(IMAGE_SUFFIXES))
+
+    def load_inputs(self, paths):
+        from eye_fundus.predict import decode_images
+
+        return decode_images(paths, self.params.image_size)
+
+
 class SyntheticFundusParams(Params):
     kind: str = "synthetic_fundus"
     #: labeled patients (1-4 images each, about 2.3 on average)
     num_patients: int = Field(600, ge=1)
     #: images in the unlabeled pool (from patients of their own)
     num_unlabeled: int = Field(600, ge=0)
-    image_size: int = Field(64, ge=16)
+    image_size: int = Field(64, ge=16, description="side of the square generated images, in pixels")
     #: size of the fine sub-category catalogue (T2 classes)
     num_fine_classes: int = Field(60, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the generator")
 
 
-class SyntheticFundusSource(DatasetSource):
+class SyntheticFundusSource(ImageInputs, DatasetSource):
     """Procedural fundus photographs with all three labels; needs no download.
 
     The generated set is cached in ``context.cache_dir/synthetic_fundus/`` (pixels as
@@ -152,7 +163,9 @@ class ManifestParams(Params):
     path: Path
     #: side of the square images the photographs are resized (and black-padded) to
     image_size: int = Field(224, ge=16)
-    image_column: str = "image"
+    image_column: str = Field("image",
+                              description="the CSV column holding each image's path (relative to the manifest's "
+                                          "folder)")
     #: ``null``: no patient column, every image is its own group
     patient_column: str | None = "patient_id"
     #: dataset label field -> CSV column; the defaults match fundus-mix
@@ -179,7 +192,7 @@ class ManifestParams(Params):
         return self
 
 
-class ManifestSource(DatasetSource):
+class ManifestSource(ImageInputs, DatasetSource):
     """Real photographs listed in a CSV manifest (see :mod:`eye_fundus.manifest`).
 
     Images are decoded once into a store under ``context.cache_dir/image_store/`` (see
@@ -210,13 +223,13 @@ class ManifestSource(DatasetSource):
         Editing a label or replacing an image in place changes every stage hash (and so the
         teacher-output and feature caches). The images enter by content only (a BLAKE2b digest
         of the file), not by path, so moving a data set to another disk keeps finished stages.
-        The digests are cached by (path, size, mtime_ns) in ``cache_dir/image_hashes.json``: an
+        The digests are cached by (path, size, mtime_ns) in ``cache_dir/file_hashes.json``: an
         unchanged file is not read again; a touched one is re-hashed (same bytes, same value).
         """
         digest = hashlib.sha256(self.params.model_dump_json().encode())
         digest.update(hashlib.sha256(self._manifest_bytes()).digest())
         rows = read_manifest(self.manifest_path, self.columns())
-        for content in image_digests(rows.images, Path(self.context.cache_dir) / "image_hashes.json"):
+        for content in file_digests(rows.images, self.context.cache_dir):
             digest.update(content.encode())
         return digest.hexdigest()[:16]
 
@@ -245,41 +258,3 @@ class ManifestSource(DatasetSource):
         except OSError as exc:
             raise DistillkitError(f"cannot read the manifest {self.manifest_path}: {exc.strerror or exc}.",
                                   where=f"{self.context.where}.path") from None
-
-
-def image_digests(paths: list[Path], cache_file: Path) -> list[str]:
-    """BLAKE2b of each file's bytes ("missing" for an unreadable file), cached by
-    (resolved path, size, mtime_ns) in ``cache_file``."""
-    try:
-        cache = read_json(cache_file) if cache_file.exists() else {}
-    except (OSError, ValueError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
-    out: list[str] = []
-    changed = False
-    for path in paths:
-        key = str(Path(path).resolve())
-        try:
-            stat = Path(path).stat()
-        except OSError:
-            out.append("missing")
-            continue
-        entry = cache.get(key)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
-            out.append(str(entry[2]))
-            continue
-        try:
-            h = hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
-        except OSError:
-            out.append("missing")
-            continue
-        cache[key] = [stat.st_size, stat.st_mtime_ns, h]
-        out.append(h)
-        changed = True
-    if changed:
-        try:
-            write_json(cache_file, cache)
-        except OSError:
-            log.warning("cannot write the image hash cache %s; images will be hashed again next time.", cache_file)
-    return out

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from distillkit.interfaces import Encoder, EncoderParams
+from distillkit import Encoder, EncoderParams
 from eye_fundus.backbones import load_weights, read_safetensors
 from eye_fundus.weights import packaged_lite0_state
 

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from distillkit.errors import DistillkitError
-from distillkit.io import atomic_write, read_json, write_json
+from distillkit import DistillkitError, atomic_write, read_json, write_json
 
 #: bump when decoding changes what a store holds (conversion, filter, padding, layout)
 STORE_FORMAT_VERSION = 1

@@ -45,8 +45,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from distillkit.data import check_fixed_splits
-from distillkit.errors import DistillkitError, did_you_mean
+from distillkit import DistillkitError, check_fixed_splits, did_you_mean
 
 #: dataset label field -> CSV column, as in fundus-mix
 DEFAULT_FIELDS = {"broad_label": "broad_label", "fine_label": "fine_label", "diagnosis_text": "diagnosis_text"}

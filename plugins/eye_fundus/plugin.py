@@ -6,7 +6,7 @@ collect commands) stays cheap; only the public ``distillkit`` API is used.
 
 from __future__ import annotations
 
-from distillkit.plugins import hookimpl
+from distillkit import hookimpl
 
 __version__ = "0.1.0"
 
@@ -42,14 +42,6 @@ def register_augmentations(register):
     from eye_fundus.augment import FundusJitter
 
     register("fundus_jitter", FundusJitter)
-
-
-@hookimpl
-def register_metrics(register):
-    from eye_fundus.bleu import corpus_bleu, sentence_bleu_average
-
-    register("bleu", corpus_bleu)
-    register("bleu_sentence_average", sentence_bleu_average)
 
 
 @hookimpl

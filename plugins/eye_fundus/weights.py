@@ -21,8 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as safetensors_bytes
 
-from distillkit.errors import DistillkitError
-from distillkit.io import atomic_write_bytes, atomic_write_text
+from distillkit import DistillkitError, atomic_write_bytes, atomic_write_text
 
 Tensor = torch.Tensor
 

@@ -93,6 +93,50 @@ def test_user_errors_exit_2_without_traceback(tmp_path, runner, args, expected):
     assert result.output.startswith("error: ")
 
 
+def _cycle(config: dict) -> None:
+    config["stages"]["m1"]["init"] = "m3"  # m1 <- m3 <- m2 <- m1
+
+
+def _unknown_teacher(config: dict) -> None:
+    config["stages"]["m3"]["teachers"] = ["m9"]
+
+
+def _untaught_task(config: dict) -> None:
+    config["stages"]["m1"]["tasks"] = ["quadrant"]
+    config["stages"]["m2"]["teachers"] = ["m1"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_cycle, "cycle: m1 -> m3 -> m2 -> m1"),
+    (_unknown_teacher, "stages.m3: refers to stage 'm9', which does not exist"),
+    (_untaught_task, "no teacher of stage 'm2' learned task(s) cluster (teachers: m1)"),
+])
+def test_plan_is_checked_before_any_data_is_loaded(tmp_path, runner, monkeypatch, edit, expected):
+    """A broken plan fails with exit 2 before the dataset source reads anything."""
+    from distillkit.builtin.toy import ToyBlobs
+
+    calls = []
+
+    def load(self):
+        calls.append(self)
+        raise AssertionError("the dataset was loaded before the plan was checked")
+
+    monkeypatch.setattr(ToyBlobs, "load", load)
+    config = toy_config()
+    edit(config)
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["run", str(write_config(tmp_path, config)), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and expected in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert calls == []
+    assert not out.exists() or not any((out / "stages").glob("*"))
+    # control: the same patch does stop a valid config, so the plan check is what stopped these
+    control = runner.invoke(cli, ["run", str(write_config(tmp_path, toy_config(), "ok.yaml")),
+                                  "--out", str(tmp_path / "ok")])
+    assert control.exit_code != 0 and len(calls) == 1
+
+
 def test_debug_flag_shows_the_traceback(runner):
     result = runner.invoke(cli, ["--debug", "run", "missing.yaml"])
     assert isinstance(result.exception, DistillkitError)

@@ -34,7 +34,7 @@ def test_main_job_runs_end_to_end(tmp_path, cache_dir, fresh_plugin_manager):
     unseen = [f"{t} unseen" for t in ("broad", "fine")
               if any(m[t]["unseen"] for m in metrics["report"]["test"].values())]
     assert summary["header"] == ["model", "broad accuracy", "broad bal. acc", "broad majority", "broad AUC", "fine accuracy",
-                                 "fine bal. acc", "fine majority", "fine AUC", "fine top-5", "text bleu", *unseen]
+                                 "fine bal. acc", "fine majority", "fine AUC", "fine top-5", "text bleu", "text most frequent", *unseen]
     assert len(metrics["teachers"]["val"]) == 6  # the six proper subsets; M1 is the seventh teacher
     by_group = metrics["report"]["test"]["m3"]["by_group"]
     assert set(by_group) <= {"normal", "DR", "AMD", "glaucoma", "melanoma"}

@@ -56,8 +56,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillkit.errors import DistillkitError, did_you_mean
-from distillkit.io import atomic_write_text
+from distillkit import DistillkitError, atomic_write_text, did_you_mean
 
 #: spreadsheet columns this importer reads
 ID_COLUMN = "ID"
