@@ -252,7 +252,9 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
     store.mkdir(parents=True, exist_ok=True)
     previous = read_json(out / "sweep.json") if (out / "sweep.json").is_file() else {}
     started = time.perf_counter()
-    earlier_wall = float(previous.get("timing", {}).get("wall_total", 0.0)) if previous.get("complete") is False else 0.0
+    # every invocation's wall time adds up, so a rerun that only rewrites the tables keeps the
+    # sweep's own time (and its overhead ratio) instead of replacing it with seconds
+    earlier_wall = float(previous.get("timing", {}).get("wall_total", 0.0))
     records = []
     naive = 0
     trained_now = 0

@@ -173,6 +173,10 @@ def test_identical_stages_train_once(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "results.csv").read_text() == before
     second = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert second["stages_trained"] == 16 and second["stages_trained_this_invocation"] == 0
+    # the rerun adds its seconds to the sweep's wall time; it does not replace it
+    assert second["timing"]["wall_total"] == pytest.approx(summary["timing"]["wall_total"]
+                                                           + second["timing"]["wall"], rel=1e-9)
+    assert second["timing"]["wall_total"] > summary["timing"]["unique_stage_seconds"]
     assert summary["stages_trained_this_invocation"] == 16
 
 
