@@ -202,3 +202,20 @@ def test_teacher_source_example_loads_the_model_with_its_scores(first_run, doc_p
     second = Runner(load_config(path, registries), registries, tmp_path / "run2")
     second.run()
     assert second.result("m2").models[0].tasks == ["cluster", "quadrant"]
+
+
+def test_teacher_source_example_gives_a_regression_score_its_direction(tmp_path, doc_plugins):
+    _, registries = doc_plugins
+    config = _config(tmp_path, {"m1": {"kind": "train"}},
+                     data={"kind": "toy_regression", "num_labeled": 120, "num_unlabeled": 30},
+                     tasks={"price": {"kind": "regression", "hidden": 16},
+                            "band": {"kind": "classification", "hidden": 16}})
+    runner = Runner(load_config(write_config(tmp_path, config), registries), registries, tmp_path / "run")
+    runner.run()
+    model_file = runner.run_dir / runner.result("m1").models[0].path
+    source_cls = registries.teacher.get("scored_file")
+    teacher = source_cls(source_cls.Params(path=str(model_file), scores={"price": 3.5})).load(
+        registries, "cpu", tmp_path)
+    # rmse, the regression task's primary metric, improves downwards
+    assert teacher.score_directions == {"price": "min", "band": "max"}
+    assert teacher.scores == {"price": 3.5}
