@@ -23,7 +23,9 @@ def register_tasks(register):
 
     :param register: ``register(name, task_class)``.
 
-    Called once when the plugin manager loads, before any config is validated.
+    Called once, the first time the registries are used (before any config is validated),
+    one plugin at a time; like every ``register_*`` hook (docs/plugins.md, "When each hook is
+    called").
     """
 
 
