@@ -98,8 +98,9 @@ def _edit_one_cell(path: Path) -> None:
     assert path.stat().st_size == size
 
 
-def _config(tmp_path: Path, registries):
-    data = {
+def _raw_config(tmp_path: Path) -> dict:
+    """The houses run config as YAML would give it: a CSV source and an aggregation of a plugin."""
+    return {
         "name": "houses", "seed": 0, "device": "cpu", "cache_dir": str(tmp_path / "cache"),
         "data": {"kind": "csv_points", "path": "points.csv"},
         "tasks": {"label": {"kind": "classification", "hidden": 8}},
@@ -109,7 +110,10 @@ def _config(tmp_path: Path, registries):
                    "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"], "temperature": 2.0,
                           "aggregation": {"kind": "houses_mean"}}},
     }
-    return validate_config(data, registries, file=str(tmp_path / "houses.yaml"), base_dir=tmp_path)
+
+
+def _config(tmp_path: Path, registries):
+    return validate_config(_raw_config(tmp_path), registries, file=str(tmp_path / "houses.yaml"), base_dir=tmp_path)
 
 
 def _independent_fingerprint(params: Params, files: dict[str, Path]) -> str:
@@ -282,16 +286,7 @@ def test_a_sweep_shares_stages_by_key_and_a_new_plugin_version_trains_only_what_
     from distillkit.sweep import load_sweep, run_sweep
 
     _write_points(tmp_path / "points.csv")
-    raw = {
-        "name": "houses", "seed": 0, "device": "cpu", "cache_dir": str(tmp_path / "cache"),
-        "data": {"kind": "csv_points", "path": "points.csv"},
-        "tasks": {"label": {"kind": "classification", "hidden": 8}},
-        "student": {"kind": "multitask", "encoder": {"kind": "mlp", "in_features": 4, "hidden": 8}},
-        "training": {"optimizer": {"kind": "adam", "lr": 0.01}, "batch_size": 16, "epochs": 1},
-        "stages": {"m1": {"kind": "train"},
-                   "m2": {"kind": "distill", "init": "m1", "teachers": ["m1"], "temperature": 2.0,
-                          "aggregation": {"kind": "houses_mean"}}},
-    }
+    raw = _raw_config(tmp_path)
     (tmp_path / "houses.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"base": "houses.yaml", "grid": {"seed": [0, 1]}}))
     out = tmp_path / "out"

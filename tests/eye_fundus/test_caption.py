@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import pytest
 import torch
@@ -51,14 +50,13 @@ def trained():
     features = torch.randn(len(CAPTIONS), FEATURES)
     target = task.encode(CAPTIONS)
     optimizer = torch.optim.Adam(head.parameters(), lr=2e-2)
-    start = time.perf_counter()
     for _ in range(80):
         loss = task.hard_loss(task.forward(head, features, target, train=True), target).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     head.eval()
-    return task, head, features, target, time.perf_counter() - start
+    return task, head, features, target
 
 
 # -- vocabulary and encoding -------------------------------------------------------------------
@@ -161,7 +159,7 @@ def test_scheduled_sampling_without_teacher_forcing_reads_own_argmax():
 
 
 def test_decoder_overfits_four_captions(trained):
-    task, head, features, target, _ = trained
+    task, head, features, target = trained
     assert task.hard_loss(task.forward(head, features, target), target).max() < 0.05
     predicted = task.predict(head, features)["tokens"]
     assert torch.equal(predicted, target["tokens"])
@@ -211,7 +209,7 @@ def test_beam_of_one_equals_greedy(seed, trained):
     feats = torch.randn(6, FEATURES) * 3
     greedy = task.predict(head, feats)["tokens"]
     assert torch.equal(beam.predict(head, feats)["tokens"], greedy)
-    _, trained_head, trained_features, _, _ = trained
+    _, trained_head, trained_features, _ = trained
     assert torch.equal(beam.predict(trained_head, trained_features)["tokens"],
                        task.predict(trained_head, trained_features)["tokens"])
 
@@ -232,7 +230,7 @@ def test_decoding_stops_at_eos(decode, trained):
         head.output.bias[SOS] += 50.0
     tokens = task.predict(head, torch.randn(3, FEATURES))["tokens"]
     assert after_first_eos_is_pad(tokens)
-    _, trained_head, features, target, _ = trained
+    _, trained_head, features, target = trained
     tokens = task.predict(trained_head, features)["tokens"]
     assert after_first_eos_is_pad(tokens) and (tokens == EOS).sum(1).tolist() == [1, 1, 1, 1]
 
@@ -240,7 +238,7 @@ def test_decoding_stops_at_eos(decode, trained):
 # -- soft targets ------------------------------------------------------------------------------
 def _teachers(trained, n: int):
     """n teachers: the trained decoder and noisy copies, each with its own features."""
-    task, head, features, target, _ = trained
+    task, head, features, target = trained
     torch.manual_seed(7)
     heads, feats = [head], [features]
     for _ in range(n - 1):
@@ -324,7 +322,7 @@ def test_soft_target_on_unlabeled_rows_reads_the_ensembles_greedy_decode(trained
 
 
 def test_soft_target_refuses_a_teacher_with_another_vocabulary(trained):
-    task, head, features, target, _ = trained
+    task, head, features, target = trained
     other = CaptionDecoder(FEATURES, len(task.vocabulary) + 1, 8, 8)
     with pytest.raises(DistillkitError, match="vocabulary"):
         task.soft_target([head, other], [features, features], [0.5, 0.5], target, tau=1.0)
@@ -380,7 +378,7 @@ def test_soft_loss_matches_hand_computation_and_ignores_padding():
 
 
 def test_kd_loss_is_zero_when_the_student_equals_its_teacher(trained):
-    task, head, features, target, _ = trained
+    task, head, features, target = trained
     with torch.inference_mode():
         soft = task.soft_target([head], [features], [1.0], None, tau=4.0)
     guide = task.guide_from_soft(soft, None)
