@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import pluggy
 
 from distillkit import hookspecs
-from distillkit.errors import DistillkitError
+from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.registry import Registries, Registry
 
 log = logging.getLogger("distillkit.plugins")
@@ -82,7 +82,7 @@ class PluginManager:
         for plugin in plugins:
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
             self._add(plugin, name, getattr(plugin, "__version__", "-"), "explicit")
-        # A misspelt hook implementation (``register_task`` for ``register_tasks``) fails here.
+        # Each plugin's hooks were checked as it was added; this is a last safety net.
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -107,8 +107,39 @@ class PluginManager:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise DistillkitError(f"plugin '{name}' is invalid: {exc}") from None
+            if source == "builtin":
+                raise DistillkitError(f"plugin '{name}' is invalid: {exc}") from None
+            self._report(name, "at registration", DistillkitError(str(exc)), dist)
+            return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            # A misspelt hook (``register_task`` for ``register_tasks``) would register nothing
+            # silently; it makes this plugin unavailable, not every plugin.
+            self.pm.unregister(name=name)
+            hook, *_ = unknown
+            exc = DistillkitError(f"it implements an unknown hook '{hook}'."
+                                  f"{did_you_mean(hook, self._hook_names())}",
+                                  hint=f"Known hooks: {', '.join(self._hook_names())}.")
+            if source == "builtin":
+                raise exc
+            self._report(name, "at registration", exc, dist)
+            return
         self.info[name] = PluginInfo(name, version, source, dist=dist)
+
+    def _hook_names(self) -> list[str]:
+        return sorted(n for n in vars(hookspecs) if n.startswith("register_") and callable(getattr(hookspecs, n)))
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        """Names of the plugin's hook implementations that no hook specification declares."""
+        unknown = []
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts is None or opts.get("optionalhook"):
+                continue
+            caller = getattr(self.pm.hook, opts.get("specname") or attr, None)
+            if caller is None or not caller.has_spec():
+                unknown.append(opts.get("specname") or attr)
+        return unknown
 
     def _load_entry_points(self) -> None:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):

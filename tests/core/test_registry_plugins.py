@@ -84,10 +84,28 @@ def test_autoload_can_be_turned_off_by_environment(monkeypatch):
     assert "classification" in pm.registries.task
 
 
-def test_misspelt_hook_fails_loudly():
-    module = _make_plugin_module("typo_plugin", hook_name="register_task")
-    with pytest.raises(DistillkitError, match="unknown hook"):
-        PluginManager(autoload=False, plugins=[module])
+def test_misspelt_hook_makes_only_its_plugin_unavailable(monkeypatch, caplog):
+    typo = _make_plugin_module("typo_plugin", hook_name="register_task")
+    good = _make_plugin_module("good_plugin")
+    _fake_entry_points(monkeypatch, [_FakeEntryPoint("typo_plugin", "typo_plugin", typo),
+                                     _FakeEntryPoint("good_plugin", "good_plugin", good)])
+    with caplog.at_level(logging.WARNING, logger="distillkit.plugins"):
+        pm = PluginManager(autoload=True)
+    message = pm.failed["typo_plugin"]
+    assert "plugin 'typo_plugin' is unavailable" in message
+    assert "unknown hook 'register_task'" in message and "Did you mean 'register_tasks'?" in message
+    assert "typo_plugin" not in pm.info and pm.pm.get_plugin("typo_plugin") is None
+    # the other plugin and the core keep working, and the failure is reported once
+    assert pm.registries.task.entry("my_task").plugin == "good_plugin"
+    assert "classification" in pm.registries.task
+    assert [r.getMessage() for r in caplog.records] == [message]
+
+
+def test_misspelt_hook_passed_explicitly_is_reported_the_same_way():
+    module = _make_plugin_module("typo_plugin", hook_name="register_stage")
+    pm = PluginManager(autoload=False, plugins=[module])
+    assert "unknown hook 'register_stage'" in pm.failed["typo_plugin"]
+    assert "Did you mean 'register_stages'?" in pm.failed["typo_plugin"]
 
 
 def test_broken_plugin_is_reported_and_others_still_load(monkeypatch):
