@@ -213,3 +213,32 @@ def test_eval_manifest_agrees_with_predict(eye, tmp_path):
     predicted = json.loads(invoke("predict", checkpoint, *paths, "--json").output)
     hits = [p["tasks"]["broad"]["top"][0]["label"] == broad[r] for p, r in zip(predicted, rows)]
     assert metrics["broad"]["accuracy"] == pytest.approx(np.mean(hits))
+
+
+def test_eval_manifest_groups_by_a_data_field_and_by_patient(eye, tmp_path):
+    paths, data, rows = _test_images(eye, tmp_path / "images", 6)
+    broad = data.dataset.labels["broad_label"]
+    manifest = tmp_path / "manifest.csv"
+    patients = ["a", "a", "b", "c", "c", "c"]
+    lines = ["image,patient_id,broad_label,fine_label,diagnosis_text"]
+    lines += [f"images/{p.name},{patients[i]},{broad[r]},," for i, (p, r) in enumerate(zip(paths, rows))]
+    manifest.write_text("\n".join(lines) + "\n")
+    checkpoint = eye / "stages" / "m1" / "model.safetensors"
+    predicted = json.loads(invoke("predict", checkpoint, *paths, "--json").output)
+    hits = [p["tasks"]["broad"]["top"][0]["label"] == broad[r] for p, r in zip(predicted, rows)]
+
+    result = invoke("eval-manifest", checkpoint, manifest, "--group-by", "group", "--json", tmp_path / "g.json")
+    assert result.exit_code == 0, result.output
+    by_group = read_json(tmp_path / "g.json")["metrics"]["m1"]["by_group"]
+    assert {g: m["broad"]["n"] for g, m in by_group.items()} == {"a": 2, "b": 1, "c": 3}
+    assert by_group["c"]["broad"]["accuracy"] == pytest.approx(np.mean(hits[3:]))
+
+    # a label field of the source (not a task name): groups are its raw values
+    result = invoke("eval-manifest", checkpoint, manifest, "--group-by", "broad_label", "--json", tmp_path / "f.json")
+    assert result.exit_code == 0, result.output
+    by_value = read_json(tmp_path / "f.json")["metrics"]["m1"]["by_group"]
+    values = [broad[r] for r in rows]
+    assert {g: m["broad"]["n"] for g, m in by_value.items()} == {v: values.count(v) for v in set(values)}
+    for value, metrics in by_value.items():
+        mine = [h for h, v in zip(hits, values) if v == value]
+        assert metrics["broad"]["accuracy"] == pytest.approx(np.mean(mine))

@@ -27,7 +27,9 @@ def import_odir_command(xlsx: Path, image_dir: Path, out_csv: Path) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Another setting of the manifest data source, e.g. --set split_column=suggested_split.")
 @click.option("--stage", "stages", multiple=True, metavar="NAME", help="For a run directory: only these stages' models.")
-@click.option("--group-by", default=None, metavar="TASK", help="Also report every metric per class of TASK.")
+@click.option("--group-by", default=None, metavar="NAME",
+              help="Also report every metric per group: per true class of a classification task NAME, per value "
+                   "of a data field NAME (one of the source's fields), or per group id (NAME 'group').")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the metrics as JSON to this file ('-' for standard output).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
