@@ -111,8 +111,10 @@ class DatasetSource(ABC):
 
         By default every string in the params (at any depth) that names an existing file,
         relative paths resolved against the config's folder; a folder named so stands for
-        every file under it (hidden ones aside), each under its path inside the folder. The
-        config's folder, its parents and the data cache are never read this way.
+        every file under it (hidden ones aside), each under its path inside the folder. A file
+        named so is read wherever it lies, inside the data cache's folder too (``cache_dir: .``
+        beside the CSV); a folder is read without the data cache in it (the cache changes as a
+        run goes), and the config's folder and its parents are never read as folders.
         """
         base = Path(self.context.base_dir).resolve()
         cache = Path(self.context.cache_dir).resolve()
@@ -126,7 +128,7 @@ class DatasetSource(ABC):
                 is_file, is_dir = path.is_file(), path.is_dir()
             except OSError:
                 continue
-            if is_file and cache not in path.parents:
+            if is_file:
                 out.setdefault(value, path)
             elif is_dir and path not in (base, *base.parents) and cache not in (path, *path.parents):
                 # a folder holding the data cache is read without it (the cache changes as it runs)

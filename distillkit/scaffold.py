@@ -1,7 +1,7 @@
 """``distillkit new-plugin NAME``: a plugin package to start from.
 
 The package is small but real: a dataset source reading rows of numbers from a CSV file
-(with a fingerprint over the file's bytes), a classification task written against the public
+(whose default fingerprint covers the file's bytes), a classification task written against the public
 API, a CSV of generated rows, a config that runs teacher -> student -> evaluation in
 seconds, and tests. ``pip install -e`` installs it, ``distillkit plugins`` lists it, and its
 tests pass as written.
@@ -148,7 +148,6 @@ DATA = '''\
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,12 @@ class CsvRowsParams(Params):
 
 
 class CsvRows(DatasetSource):
-    """Rows of a CSV file: the feature columns as one float input row, and one label field."""
+    """Rows of a CSV file: the feature columns as one float input row, and one label field.
+
+    The default ``fingerprint()`` covers the params and the bytes of the file ``path`` names,
+    so an edited cell re-runs the stages; a source reading files its params do not name
+    overrides ``data_files()``.
+    """
 
     Params = CsvRowsParams
 
@@ -203,12 +207,6 @@ class CsvRows(DatasetSource):
                        ids=[f"{self.path.name}:{i + 2}" for i in range(len(rows))],
                        pool=np.array([v is None for v in labels]), source=str(self.path))
 
-    def fingerprint(self) -> str:
-        # A run's stage keys hash this: it must change whenever the data does, so it covers
-        # the file's bytes, not only the params (an edited cell re-runs the stages).
-        digest = hashlib.sha256(self.params.model_dump_json().encode())
-        digest.update(self.path.read_bytes() if self.path.is_file() else b"")
-        return digest.hexdigest()[:16]
 '''
 
 TASK = '''\

@@ -135,6 +135,12 @@ def test_the_default_fingerprint_covers_the_bytes_of_the_files_the_params_name(t
     after = source.fingerprint()
     assert after != before
     assert after == _independent_fingerprint(params, {"points.csv": tmp_path / "points.csv"})
+    # the data beside the cache's own files (``cache_dir: .``): still read, still covered
+    beside = CsvPoints(params, DataContext(cache_dir=tmp_path, base_dir=tmp_path))
+    assert beside.data_files() == [("points.csv", (tmp_path / "points.csv").resolve())]
+    _edit_one_cell(tmp_path / "points.csv")
+    assert beside.fingerprint() != after
+    assert beside.fingerprint() == _independent_fingerprint(params, {"points.csv": tmp_path / "points.csv"})
     # a source whose params name no file keeps the fingerprint of the params alone
     from distillkit.builtin.toy import ToyBlobs, ToyBlobsParams
 
