@@ -26,11 +26,24 @@ class DistillkitGroup(click.Group):
         except DistillkitError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {exc.render()}", err=True)
+            click.echo(f"error: {exc.render()}{_left_out_plugins(exc)}", err=True)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume.", err=True)
             ctx.exit(130)
+
+
+def _left_out_plugins(exc: DistillkitError) -> str:
+    """An unknown kind may be one a plugin that failed to load would have registered: say so."""
+    from distillkit import plugins
+
+    manager = plugins._default  # never load plugins here: only report what loading found
+    if manager is None or not manager.failed or "unknown " not in exc.render():
+        return ""
+    names = ", ".join(f"'{name}'" for name in manager.failed)
+    noun = "plugin" if len(manager.failed) == 1 else "plugins"
+    return (f"\nNote: {noun} {names} failed to load (see the warning above); a kind it registers is "
+            f"unknown until it loads.")
 
 
 @click.group(cls=DistillkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

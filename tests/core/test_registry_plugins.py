@@ -362,3 +362,34 @@ def test_real_entry_point_of_the_installed_distribution():
     """The installed distribution declares the eye plugin in the 'distillkit' group."""
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="distillkit")}
     assert eps.get("eye_fundus") == "eye_fundus.plugin"
+
+
+def test_an_unknown_kind_error_names_the_plugin_that_failed_to_load(fresh_plugin_manager, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from distillkit.cli import cli
+    from distillkit.plugins import set_plugin_manager
+
+    from tests.conftest import toy_config
+
+    config = toy_config()
+    config["tasks"]["cluster"] = {"kind": "house_price"}  # the task the broken plugin would register
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    set_plugin_manager(PluginManager(autoload=False, plugins=[_failing_plugin("houses", "nltk")]))
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "unknown task 'house_price'" in result.output
+    assert result.output.rstrip().endswith("Note: plugin 'houses' failed to load (see the warning above); a kind it "
+                                           "registers is unknown until it loads.")
+
+    # no failed plugin, or an error that is not about an unknown name: no note
+    set_plugin_manager(PluginManager(autoload=False))
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2 and "unknown task 'house_price'" in result.output and "Note:" not in result.output
+    config["tasks"]["cluster"] = {"kind": "classification", "hidden": "wide"}
+    path.write_text(yaml.safe_dump(config))
+    set_plugin_manager(PluginManager(autoload=False, plugins=[_failing_plugin("houses", "nltk")]))
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2 and "hidden" in result.output and "Note:" not in result.output
