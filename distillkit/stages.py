@@ -569,6 +569,8 @@ class DistillStage(Stage):
                                     f"{did_you_mean(str(task), own)} Tasks: {', '.join(own)}.")
         task_kinds = {t: (plan.config.tasks[t].kind, plan.task_class(t)) for t in own if t in plan.tasks}
         problems += temperature_problems(self.name, p, own, task_kinds)
+        # for describe(): which tasks are tempered, and how their soft targets are stored
+        self._task_classes = {t: cls for t, (_, cls) in task_kinds.items()}
         # Routing: each task of the stage needs a teacher that learned it. External teachers'
         # tasks are known only once they are loaded (checked then).
         if p.extra_teachers:
@@ -586,12 +588,20 @@ class DistillStage(Stage):
     def describe(self, all_tasks: Sequence[str]) -> str:
         p = self.params
         init = f" from {p.init}" if p.init else ""
-        tau = p.temperature_for(self.task_names(all_tasks))
+        classes = getattr(self, "_task_classes", {})  # known once check() has seen the plan
+        tempered = [t for t in self.task_names(all_tasks) if t not in classes or classes[t].uses_temperature]
+        tau = p.temperature_for(tempered)
         grid = "/".join(f"{g:g}" for g in p.temperature_grid)
         taus = ", ".join(f"{k}={v:g}" if v != "auto" else f"{k}=auto({grid}, on val)" for k, v in tau.items())
+        storage = p.teacher_outputs.storage
+        if p.teacher_outputs.mode == "cache" and storage != "fp32":
+            kinds = [k for t in self.task_names(all_tasks) if t in classes
+                     for k in classes[t].soft_target_kinds.values()]
+            if "value" in kinds:  # plain values are never halved unless the task says value_fp16
+                storage += " (plain values fp32)"
         return (f"distill on {p.data} data{init}: tasks {', '.join(self.task_names(all_tasks))}; teachers "
                 f"{', '.join(p.teachers)} ({p.aggregation.kind}); alpha={p.alpha if p.data == 'labeled' else 1.0:g}; "
-                f"tau {taus}; teacher outputs {p.teacher_outputs.mode}/{p.teacher_outputs.storage}")
+                f"{f'tau {taus}' if taus else 'no temperature'}; teacher outputs {p.teacher_outputs.mode}/{storage}")
 
     def run(self, ctx: StageContext, workdir: Path) -> StageResult:
         teachers = ctx.teachers(self.params.teachers)

@@ -244,6 +244,13 @@ def test_a_temperature_for_the_regression_task_exits_2_naming_file_and_key(tmp_p
 def test_a_single_temperature_applies_to_the_tasks_that_have_one(tmp_path):
     result, _ = _validate(tmp_path, _regression_config(temperature=2.0))
     assert result.exit_code == 0, result.output
+    # the plan shows a temperature only for the task that has one, and how values are cached
+    [m2] = [line for line in result.output.splitlines() if " m2: distill" in line]
+    assert "tau band=2;" in m2 and "price=" not in m2
+    assert "teacher outputs cache/fp16 (plain values fp32)" in m2
+    only_band = _regression_config(temperature=2.0, teacher_outputs={"storage": "fp32"})
+    result, _ = _validate(tmp_path, only_band)
+    assert "teacher outputs cache/fp32  " in result.output or "teacher outputs cache/fp32\n" in result.output
     config = _regression_config(temperature="auto")
     config["tasks"] = {"price": config["tasks"]["price"]}
     config["stages"]["report"].pop("group_by")
