@@ -179,6 +179,10 @@ class Stage(ABC):
 
 # -- shared pieces -------------------------------------------------------------------------
 
+def _score(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -math.inf
 
@@ -618,7 +622,21 @@ class DistillStage(Stage):
         result = StageResult([record], {split: {record.label: m} for split, m in metrics.items()})
         if search:
             result.metrics["temperature_search"] = search
+        result.metrics["teacher_weights"] = self.teacher_weights(ctx, teachers, task_names)
         return result
+
+    def teacher_weights(self, ctx: StageContext, teachers: Sequence[Teacher],
+                        task_names: Sequence[str]) -> dict[str, Any]:
+        """Per task, the weight the aggregation gave each routed teacher, and the validation
+        score (with its direction) it read: written to stage.json and metrics.json."""
+        policy = ctx.registries.aggregation.get(self.params.aggregation.kind)(self.params.aggregation)
+        routes = route_teachers(list(task_names), teachers, policy, where=f"stages.{self.name}.teachers")
+        out: dict[str, Any] = {"policy": self.params.aggregation.kind, "tasks": {}}
+        for task, route in routes.items():
+            out["tasks"][task] = [{"teacher": teachers[i].name, "weight": w, "score": _score(teachers[i].scores.get(task)),
+                          "direction": teachers[i].score_directions.get(task, "max")}
+                         for i, w in zip(route.teachers, route.weights)]
+        return out
 
     def _choose_temperatures(self, ctx: StageContext, workdir: Path, task_names: Sequence[str],
                              teachers: list[Teacher]) -> tuple[DistillParams, dict[str, Any]]:

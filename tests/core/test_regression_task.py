@@ -285,6 +285,15 @@ def test_regression_example_caches_the_teachers_raw_predictions(tmp_path, monkey
     rmse = {e.label: metrics[e.stage]["val"][e.label]["price"]["rmse"] for e in teachers}
     weights = {label: (1 / r) / sum(1 / v for v in rmse.values()) for label, r in rmse.items()}
     assert max(weights, key=weights.get) == min(rmse, key=rmse.get)  # the lower RMSE counts more
+    # the weights the stage used are recorded, with the scores they came from
+    recorded = metrics["m2"]["teacher_weights"]
+    assert recorded["policy"] == "val_score"
+    shown = {row["teacher"]: row for row in recorded["tasks"]["price"]}
+    assert set(shown) == set(weights)
+    for label, row in shown.items():
+        assert row["weight"] == pytest.approx(weights[label], rel=1e-9)
+        assert row["score"] == pytest.approx(rmse[label]) and row["direction"] == "min"
+    assert {row["teacher"] for row in recorded["tasks"]["band"]} == {"m1", "teachers[band]"}
 
     data = run.load_data(registries)
     caches = {}
