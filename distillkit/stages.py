@@ -154,7 +154,12 @@ class Stage(ABC):
         training = getattr(self.params, "training", None)
         es = getattr(training, "early_stopping", None)
         own = self.task_names(plan.tasks)
-        if es is not None and es.metric not in ("val_loss", "val_kd") and es.metric.partition(".")[0] not in own:
+        run_es = getattr(getattr(plan.config, "training", None), "early_stopping", None)
+        # the run's own metric naming no task of the run is reported once, at training.early_stopping
+        inherited_unknown = (run_es is not None and es is not None and es.metric == run_es.metric
+                             and es.metric.partition(".")[0] not in plan.tasks)
+        if (es is not None and es.metric not in ("val_loss", "val_kd") and es.metric.partition(".")[0] not in own
+                and not inherited_unknown):
             problems.append(f"stages.{self.name}.training.early_stopping.metric: '{es.metric}' must be val_loss, "
                             f"val_kd or <task>.<metric> for one of the stage's tasks ({', '.join(own)}).")
         if (plan.frozen and getattr(training, "augment", None) is not None

@@ -256,7 +256,7 @@ def score_of(metrics: Mapping[str, Any], metric: str,
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         known = [name for name, key in (("val_loss", "loss"), ("val_kd", "kd")) if key in metrics]
         known += [f"{t}.{k}" for t, sub in metrics.items() if isinstance(sub, Mapping)
-                  for k, v in sub.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                  for k, v in sub.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"]
         raise DistillkitError(f"the early-stopping metric '{metric}' is not among the validation results"
                               f".{did_you_mean(metric, known)} Known: {', '.join(known) or 'none'}.",
                               where="early_stopping.metric")

@@ -34,4 +34,17 @@ def test_a_metric_of_no_task_exits_2_before_training(tmp_path, monkeypatch):
     result = _run(tmp_path, monkeypatch, "clustr.balanced_accuracy")
     assert result.exit_code == 2, result.output
     assert "training.early_stopping.metric" in result.output and "Did you mean 'cluster'?" in result.output
+    # the run's one key, inherited by every training stage, is reported once
+    assert result.output.count("early_stopping.metric") == 1, result.output
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_a_misspelt_metric_key_exits_2_after_one_epoch_naming_the_real_keys(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch, "cluster.acuracy")
+    assert result.exit_code == 2, result.output
+    assert "'cluster.acuracy' is not among the validation results. Did you mean 'cluster.accuracy'?" in result.output
+    known = result.output.split("Known: ", 1)[1]
+    assert "cluster.accuracy" in known and "cluster.balanced_accuracy" in known
+    assert "cluster.n" not in known  # a count is not a score to stop on
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "stages" / "m1").exists()  # no stage finished with it

@@ -354,6 +354,8 @@ CASES = [
          ("toy.yaml: student.encoder.freeze.until", "'layer3' is not a block of the mlp encoder",
           "Did you mean 'layer2'?", "Blocks, in order: layer1, layer2.")),
     Case("early-stopping-metric-misspelt", _toy("training.early_stopping.metric", "val_los"),
+         ("toy.yaml: invalid stages:\n  - training.early_stopping.metric: 'val_los' must be val_loss", "val_loss")),
+    Case("stage-early-stopping-metric-misspelt", _toy("stages.m1.training", {"early_stopping": {"metric": "val_los"}}),
          ("stages.m1.training.early_stopping.metric", "'val_los'", "val_loss")),
     # -- the manifest and its images -------------------------------------------------------------
     Case("missing-manifest", lambda ws: dump_yaml(ws.root / "images.yaml", image_config("nowhere.csv")),
