@@ -236,7 +236,8 @@ def run_eval(model: str | Path, spec: Any = None, split: str = "test", *, stages
     to_stdout = json_out is not None and str(json_out) == "-"
     table = Table(title=escape(f"{split} split of {report.data} ({report.items} items)"))
     for i, title in enumerate(header):
-        table.add_column(escape(title), justify="left" if i == 0 else "right")
+        table.add_column(escape(title), justify="left" if i == 0 else "right",
+                         overflow="fold" if i == 0 else "ellipsis")  # a long model label folds, not cut
     for row in rows:
         table.add_row(*map(escape, row))  # labels like teachers[broad] are not markup
     Console(stderr=to_stdout).print(table)

@@ -50,7 +50,8 @@ class Reporter:
     def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         table = Table(title=title)
         for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right")
+            # the model column folds a long label (teachers[broad+fine]) rather than cutting it
+            table.add_column(h, justify="left" if i == 0 else "right", overflow="fold" if i == 0 else "ellipsis")
         for row in rows:
             table.add_row(*(escape(str(cell)) for cell in row))
         # written to a file or pipe (a log), the table keeps its full width instead of

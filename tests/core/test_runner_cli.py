@@ -294,3 +294,14 @@ def test_each_stage_trains_on_its_split_and_selects_on_validation(tmp_path, core
     for stage, (train, val) in seen.items():
         assert set(train.tolist()) == splits[expected_train[stage]], stage
         assert set(val.tolist()) == splits["val"], stage
+
+
+def test_a_long_model_label_folds_in_the_summary_table_rather_than_being_cut(capsys):
+    from distillkit.progress import Reporter
+
+    label = "ensemble[price+price_quantiles+band]"
+    header = ["model"] + [f"task{i} balanced accuracy" for i in range(6)]
+    Reporter().table("test", header, [[label] + ["0.123"] * 6])
+    lines = capsys.readouterr().out.splitlines()
+    first_column = "".join(line.split("│")[1].strip() for line in lines if line.startswith("│"))
+    assert first_column == label
