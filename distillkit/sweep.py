@@ -258,6 +258,12 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
     records = []
     naive = 0
     trained_now = 0
+    lower: set[str] = set()  # "task.metric" whose lower values are better (an RMSE), for the tables
+    for run in spec.runs:
+        for task, params in run.config.tasks.items():
+            declared = getattr(registries.task.get(params.kind), "metric_directions", {}) or {}
+            lower.update(f"{task}.{m}" for m, way in declared.items() if way == "min")
+    spec_lower = sorted(lower)
     for index, run in enumerate(spec.runs):
         run_dir = out / "runs" / run.id
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -288,9 +294,10 @@ def _run_sweep(spec: SweepSpec, registries, out: Path, progress) -> SweepOutcome
         records.append({"id": run.id, "overrides": run.overrides, "dir": str(run_dir.relative_to(out)),
                         "stages": {p.name: p.key for p in planned},
                         "metrics": flatten_metrics(metrics, spec.split)})
-        _write_summary(out, spec, records, naive, started, earlier_wall, complete=False, trained_now=trained_now)
+        _write_summary(out, spec, records, naive, started, earlier_wall, complete=False, trained_now=trained_now,
+                       lower_is_better=spec_lower)
     summary = _write_summary(out, spec, records, naive, started, earlier_wall, complete=True,
-                             trained_now=trained_now)
+                             trained_now=trained_now, lower_is_better=spec_lower)
     write_tables(out, spec, summary)
     return SweepOutcome(summary, out / "sweep.json")
 
@@ -307,7 +314,7 @@ def _stage_seconds(store: Path, records: list) -> dict[str, float]:
 
 
 def _write_summary(out: Path, spec: SweepSpec, records: list, naive: int, started: float, earlier_wall: float,
-                   complete: bool, trained_now: int = 0) -> dict[str, Any]:
+                   complete: bool, trained_now: int = 0, lower_is_better: Sequence[str] = ()) -> dict[str, Any]:
     seconds = _stage_seconds(out / "store", records)
     wall = time.perf_counter() - started
     summary = {"format": SWEEP_FORMAT, "name": spec.name, "sweep_file": str(Path(spec.file).resolve()),
@@ -315,6 +322,7 @@ def _write_summary(out: Path, spec: SweepSpec, records: list, naive: int, starte
                "table": {"columns": spec.columns, "rows": spec.rows, "metrics": spec.metrics,
                          "baseline": spec.baseline, "comparisons": [list(c) for c in spec.comparisons],
                          "split": spec.split},
+               "lower_is_better": list(lower_is_better),
                "stages_trained": len(seconds), "stages_naive": naive,
                "stages_trained_this_invocation": trained_now,
                "runs": records,
@@ -421,10 +429,13 @@ def markdown_tables(summary: Mapping[str, Any], cell_list: Sequence[Cell] | None
     compared = [f"{a} − {b}" for a, b in table.get("comparisons") or []]
     column_order = [_fmt(v) for v in summary["grid"].get(columns_key, [None])] if columns_key else [""]
     lines = [f"# {summary['name']}: mean ± 95% CI over seeds ({table.get('split', 'test')} split)", ""]
+    lower = summary.get("lower_is_better") or []
     index = {(c.group, c.metric, c.row, c.column): c for c in cell_list}
     for group in dict.fromkeys(c.group for c in cell_list):
         for metric in dict.fromkeys(c.metric for c in cell_list):
             title = f"## {metric}" + (f" ({group})" if group else "")
+            if any(metric == m or metric.startswith(m + ".") for m in lower):
+                title += ", lower is better"  # a negative paired difference is an improvement
             lines += [title, "", "| model | " + " | ".join(f"{columns_key}={c}" if columns_key else "value"
                                                           for c in column_order) + " |",
                       "|---" * (len(column_order) + 1) + "|"]

@@ -83,6 +83,17 @@ def test_table_rows_are_models_and_columns_p():
     assert "| M3+ens − M1 | +0.100 ± 0.248 | +0.100 ± 0.124 |" in lines
 
 
+def test_a_lower_is_better_metric_is_marked_in_its_table_title():
+    summary = _summary()
+    for run in summary["runs"]:
+        for label in ("m1", "m3"):
+            run["metrics"][label]["price.rmse"] = 1.0
+            run["metrics"][label]["price.r2"] = 0.5
+    summary["lower_is_better"] = ["price.rmse"]
+    titles = [line for line in markdown_tables(summary).splitlines() if line.startswith("## ")]
+    assert titles == ["## broad.accuracy", "## price.r2", "## price.rmse, lower is better"]
+
+
 def test_csv_holds_the_same_numbers():
     rows = list(csv.DictReader(io.StringIO(csv_table(cells(_summary())))))
     row = next(r for r in rows if r["model"] == "M3+ens" and r["column"] == "0.7")
@@ -166,6 +177,14 @@ def test_identical_stages_train_once(tmp_path, monkeypatch):
     assert a.stat().st_ino == b.stat().st_ino
     assert len(summary["timing"]["stage_seconds"]) == 16
     assert (tmp_path / "out" / "results.md").is_file() and (tmp_path / "out" / "results.csv").is_file()
+    # the classification task's lower-is-better metrics, as it declares them, are marked in the tables
+    from distillkit.builtin.classification import ClassificationTask
+
+    declared = sorted(f"{t}.{m}" for t in ("cluster", "quadrant")
+                      for m, way in ClassificationTask.metric_directions.items() if way == "min")
+    assert summary["lower_is_better"] == declared and "cluster.ece" in declared
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "## cluster.ece, lower is better" in results and "## cluster.accuracy\n" in results
     # a second invocation trains nothing and gives the same tables
     before = (tmp_path / "out" / "results.csv").read_text()
     again = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(tmp_path / "out")])
