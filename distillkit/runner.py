@@ -164,6 +164,36 @@ def check_mixed_precision(config: RunConfig, device: torch.device) -> None:
         raise DistillkitError(" ".join(problems), where=config.file)
 
 
+def student_input_problems(config: RunConfig, tasks: dict, registries: Registries, splits: dict,
+                           input_transform: Any) -> list[str]:
+    """The student run on two rows of the data before any stage trains: an encoder that cannot
+    read the inputs (``in_features: 3`` for rows of 4 numbers) is a config mistake to report
+    now, naming the section, not a shape error in the middle of the first stage."""
+    from distillkit.models import attach_input_transform, build_student
+
+    rows = next((s.inputs[:2] for s in splits.values() if len(s) > 0), None)
+    if rows is None:
+        return []
+    with torch.random.fork_rng(devices=[]):  # the stages' seeded initialisations stay as they are
+        model = build_student(config.student, tasks, registries)
+    attach_input_transform(model, input_transform)
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = model.features(rows)
+            for name, task in tasks.items():
+                task.predict(model.heads[name], features)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        encoder = getattr(config.student, "encoder", None)
+        named = f" with encoder {encoder.kind}" if hasattr(encoder, "kind") else ""
+        shape = "x".join(str(n) for n in rows.shape[1:]) or "scalar"
+        return [f"student: the student ({config.student.kind}{named}) cannot read this data's inputs "
+                f"(one row: {shape}, {str(rows.dtype).replace('torch.', '')}): {reason}. Check the student's "
+                f"settings against the data (e.g. student.encoder.in_features)."]
+    return []
+
+
 class RunLock:
     """An exclusive lock on a run directory; the OS drops it when the process dies."""
 
@@ -254,6 +284,8 @@ class Runner(StageContext):
         self.prepare_data()
         planned = plan(self.config, self.registries, self.data_fingerprint)
         problems = [p for step in planned for p in step.stage.check_data(self)]
+        problems += student_input_problems(self.config, self.tasks, self.registries, self.splits,
+                                           self.input_transform)
         if problems:
             raise DistillkitError("invalid stages:\n" + "\n".join(f"  - {p}" for p in problems),
                                   where=self.config.file)

@@ -353,6 +353,9 @@ CASES = [
     Case("freeze-point-names-no-block", _toy("student.encoder.freeze", {"until": "layer3"}),
          ("toy.yaml: student.encoder.freeze.until", "'layer3' is not a block of the mlp encoder",
           "Did you mean 'layer2'?", "Blocks, in order: layer1, layer2.")),
+    Case("encoder-width-not-the-datas", _toy("student.encoder.in_features", 3),
+         ("toy.yaml: invalid stages:\n  - student: the student (multitask with encoder mlp) cannot read this data's "
+          "inputs (one row: 8, float32): mat1 and mat2 shapes cannot be multiplied", "student.encoder.in_features")),
     Case("early-stopping-metric-misspelt", _toy("training.early_stopping.metric", "val_los"),
          ("toy.yaml: invalid stages:\n  - training.early_stopping.metric: 'val_los' must be val_loss", "val_loss")),
     Case("stage-early-stopping-metric-misspelt", _toy("stages.m1.training", {"early_stopping": {"metric": "val_los"}}),
