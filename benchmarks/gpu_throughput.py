@@ -127,7 +127,8 @@ def setup(args: argparse.Namespace):
 class PinnedBatches:
     """Full batches of ``split`` in a new random order each epoch, endlessly: the images gathered on
     the host into one of two pinned buffers (alternating) and copied to the device without
-    blocking, so the copy overlaps the previous step's kernels; the labels live on the device.
+    blocking, so the host prepares the next batch while the device still computes; the labels
+    live on the device.
 
     A buffer is refilled only once its previous copy has finished (a CUDA event), never while
     the device still reads it. ``Batch.index`` stays on the host, where the teacher-output cache
