@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.warmup} warm-up steps per model untimed, then {args.steps} timed steps per measurement; "
           f"uint8 batches {source}{'; augmentation ' + args.augment + ' on the device' if augment else ''}")
     batches = iter(PinnedBatches(split, args.batch_size, device))
-    result = {"argv": list(sys.argv[1:] if argv is None else argv), "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-              "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+    result = {"argv": list(sys.argv[1:] if argv is None else argv), "device": str(device),
+              "device_name": device_name(device), "torch": torch.__version__, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
               "steps": args.steps, "warmup": args.warmup, "channels_last": args.channels_last,
               "augment": args.augment, "tasks": dict(TASKS), "training": [], "distillation": None}
 
