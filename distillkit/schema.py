@@ -34,7 +34,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.errors import DistillkitError, did_you_mean, plural
 
 # -- what plugin authors write -------------------------------------------------------------
 
@@ -150,7 +150,8 @@ class Place:
     def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
         union = handler(core_schema)
         names = list(self.members)
-        shorthand = {"type": "string", "enum": names, "description": f"a {self.kind} by name, for {{kind: NAME}}"}
+        shorthand = {"type": "string", "enum": names,
+                     "description": f"the name of a registered {self.kind}, short for {{kind: NAME}}"}
         return {"anyOf": [shorthand, union]} if names else shorthand
 
 
@@ -193,6 +194,22 @@ def config_schema(registries: Any) -> ConfigSchema:
     return schema
 
 
+def _base_names(model: type) -> dict[str, Any]:
+    """Names the annotations of ``model``'s bases may use. Rebuilding a generated model
+    evaluates them again: from the bases' modules, and, for a class whose module cannot be
+    imported (defined by ``exec``), from ``typing`` and distillkit's markers."""
+    import sys
+    import typing
+
+    names: dict[str, Any] = {k: getattr(typing, k) for k in typing.__all__}
+    names.update(Component=Component, StageTraining=StageTraining)
+    for base in reversed(model.__mro__[1:]):
+        module = sys.modules.get(base.__module__)
+        if module is not None:
+            names.update(vars(module))
+    return names
+
+
 def _place_name(kind: str) -> str:
     return f"_place_{kind}"
 
@@ -213,7 +230,7 @@ class _Builder:
         places = {kind: self.place(kind) for kind in self.registries.by_kind}
         namespace = {_place_name(kind): place for kind, place in places.items()}
         for model in self.models:
-            model.model_rebuild(_types_namespace=namespace)
+            model.model_rebuild(_types_namespace={**_base_names(model), **namespace})
         stage_training = {e.name: f for e in self.registries.stage.entries()
                           if (f := stage_training_field(e.component)) is not None}
 
@@ -333,7 +350,7 @@ class _Builder:
 def _selector(kind: str, names: list[str]):
     """The step before the union: a name becomes ``{kind: name}``; a missing, mistyped or
     unknown ``kind`` gets the registry's message (the union would only list tags)."""
-    known = ", ".join(names) or "none"
+    known, kinds = ", ".join(names) or "none", plural(kind)
 
     def select(value: Any) -> Any:
         if isinstance(value, BaseModel):  # already-validated params (a default given as an instance)
@@ -344,12 +361,12 @@ def _selector(kind: str, names: list[str]):
             raise _error("component_type", f"expected a mapping with 'kind: <{kind}>', got {value!r}.")
         name = value.get("kind")
         if name is None:
-            raise _error("component_kind_missing", f"missing 'kind'. Known {kind}s: {', '.join(names)}.")
+            raise _error("component_kind_missing", f"missing 'kind'. Known {kinds}: {', '.join(names)}.")
         if not isinstance(name, str):  # e.g. `kind: []` or `kind: 3`
-            raise _error("component_kind_type", f"must be the name of a {kind} (got {name!r}). Known {kind}s: {known}.")
+            raise _error("component_kind_type", f"must be the name of a {kind} (got {name!r}). Known {kinds}: {known}.")
         if name not in names:
             raise _error("component_kind_unknown",
-                         f"unknown {kind} '{name}'.{did_you_mean(name, names)} Known {kind}s: {known}.")
+                         f"unknown {kind} '{name}'.{did_you_mean(name, names)} Known {kinds}: {known}.")
         return dict(value)
 
     return select
