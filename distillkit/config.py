@@ -22,7 +22,8 @@ from pydantic import BaseModel, ValidationError
 from distillkit.data import SplitParams
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.registry import Registries
-from distillkit.schema import SELECTION_ERRORS, TOP_LEVEL, ConfigSchema, Place, config_schema, deep_merge
+from distillkit.schema import (SELECTION_ERRORS, TOP_LEVEL, ConfigSchema, Place, config_schema, deep_merge,
+                               training_field_of)
 from distillkit.training import TrainingParams
 
 __all__ = ["ConfigErrors", "RunConfig", "TOP_LEVEL", "apply_overrides", "config_schema", "deep_merge", "dump",
@@ -204,23 +205,23 @@ def _report(problems: _Problems, exc: ValidationError, schema: ConfigSchema, roo
             elif key in _TOP_LEVEL_MESSAGES:
                 message = _TOP_LEVEL_MESSAGES[key].format(input=err.get("input"))
             else:
-                message = _plain_message(err, holder, schema)
+                message = _plain_message(err, holder, schema, section=True)
+        elif top_level and kind in _NOT_A_MAPPING and _is_stage_training(schema, err["loc"]):
+            message = "must be a mapping of training settings."
         else:
-            message = _plain_message(err, holder, schema)
-            if top_level and kind in _NOT_A_MAPPING and _is_stage_training(schema, err["loc"]):
-                message = "must be a mapping of training settings."
+            message = _plain_message(err, holder, schema, section=False)
         if keep is None or keep(parts, kind):
             problems.add(path, message)
 
 
-def _plain_message(err: Mapping[str, Any], holder: Any, schema: ConfigSchema) -> str:
+def _plain_message(err: Mapping[str, Any], holder: Any, schema: ConfigSchema, section: bool) -> str:
     kind, message = err["type"], err["msg"]
     if kind == "extra_forbidden":
         name = str(err["loc"][-1])
         model = schema.originals.get(holder, holder)
         known = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
         return f"unknown key '{name}'.{did_you_mean(name, known)} Valid keys: {', '.join(known)}."
-    if kind in _NOT_A_MAPPING:
+    if kind in _NOT_A_MAPPING and section:  # `split: 3`, `training: [..]`
         value = err.get("input")
         return f"expected a mapping, got {type(value).__name__} {value!r}."
     if "input" in err and kind != "missing":
@@ -316,21 +317,21 @@ def validate_data_sections(data: Mapping[str, Any], registries: Registries, file
     return sections.data, sections.split, sections.cache_dir
 
 
-def _own_training(schema: ConfigSchema, data: Mapping[str, Any]) -> dict[str, Any]:
-    """``{stage: its own training mapping}`` for the stages that train with the run's settings."""
-    own: dict[str, Any] = {}
+def _own_training(schema: ConfigSchema, data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{stage: (its StageTraining field, its own settings)}`` for the stages that train
+    with the run's settings."""
+    own: dict[str, tuple[str, Any]] = {}
     stages = data.get("stages")
     if not isinstance(stages, Mapping):
         return own
     for name, spec in stages.items():
-        spec = {"kind": spec} if isinstance(spec, str) else spec
-        field_name = schema.stage_training.get(spec.get("kind")) if isinstance(spec, Mapping) else None
-        if field_name is not None and isinstance(spec.get("kind"), str):
-            own[str(name)] = spec.get(field_name) or {}
+        field_name = training_field_of(spec, schema.stage_training)
+        if field_name is not None:
+            own[str(name)] = (field_name, (spec.get(field_name) if isinstance(spec, Mapping) else None) or {})
     return own
 
 
-def _check_samplers(problems: _Problems, data: Mapping[str, Any], own_training: Mapping[str, Any],
+def _check_samplers(problems: _Problems, data: Mapping[str, Any], own_training: Mapping[str, tuple[str, Any]],
                     registries: Registries) -> None:
     """A balanced sampler must name a classification task of the run (read from the raw
     mapping, so that the mistake is reported with the others)."""
@@ -343,7 +344,7 @@ def _check_samplers(problems: _Problems, data: Mapping[str, Any], own_training: 
     run_training = data.get("training")
     run_sampler = run_training.get("sampler") if isinstance(run_training, Mapping) else None
     places: list[tuple[str, Any]] = [("training.sampler", run_sampler)]
-    for name, own in own_training.items():
+    for name, (_, own) in own_training.items():
         if isinstance(own, Mapping) and "sampler" in own:  # inherited ones are checked once, above
             sampler = own["sampler"]
             if isinstance(run_sampler, Mapping) and isinstance(sampler, Mapping):
@@ -382,8 +383,8 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
         # a key the stage does not set is the run's, reported once under training.<key>.
         if len(parts) < 3 or parts[0] != "stages" or parts[1] not in own_training:
             return True
-        own = own_training[parts[1]]
-        if parts[2] != schema.stage_training.get(_stage_kind(data, parts[1])) or not isinstance(own, Mapping):
+        field_name, own = own_training[parts[1]]
+        if parts[2] != field_name or not isinstance(own, Mapping):
             return True
         return len(parts) > 3 and parts[3] in own
 
@@ -395,15 +396,10 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
     _check_samplers(problems, data, own_training, registries)
     problems.raise_if_any()
     assert run is not None
-    return RunConfig(file=file, base_dir=base_dir or Path("."), name=run.name or Path(file).stem,
+    return RunConfig(file=file, base_dir=base_dir or Path("."), name=Path(file).stem if run.name is None else run.name,
                      seed=run.seed, device=run.device, cache_dir=run.cache_dir, data=run.data, split=run.split,
                      tasks=dict(run.tasks), student=run.student, training=run.training, stages=dict(run.stages),
                      raw=dict(data))
-
-
-def _stage_kind(data: Mapping[str, Any], name: str) -> Any:
-    spec = {str(k): v for k, v in data["stages"].items()}.get(name)
-    return spec if isinstance(spec, str) else spec.get("kind") if isinstance(spec, Mapping) else None
 
 
 def load_config(path: str | Path, registries: Registries, overrides: list[str] | None = None) -> RunConfig:

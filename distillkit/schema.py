@@ -242,7 +242,7 @@ class _Builder:
         run = create_model(
             "RunConfig", __config__=ConfigDict(**section),
             __validators__={"_prepare": model_validator(mode="before")(prepare)},
-            name=(Annotated[Optional[str], BeforeValidator(lambda v: v if v is None else str(v))],
+            name=(Annotated[Optional[str], BeforeValidator(str)],
                   Field(None, description=TOP_LEVEL["name"] + " (default: the config file's name)")),
             seed=(int, Field(0, strict=True, description=TOP_LEVEL["seed"])),
             device=(str, Field("auto", strict=True, pattern=r"^(auto|cpu|cuda|mps|cuda:.*)$",
@@ -254,7 +254,7 @@ class _Builder:
             tasks=(dict[str, places["task"]], Field(min_length=1, description=TOP_LEVEL["tasks"])),
             student=(places["student"], Field(description=TOP_LEVEL["student"])),
             training=(Annotated[self.training, none_is_empty],
-                      Field(default_factory=TrainingParams, validate_default=True,
+                      Field(default_factory=dict, validate_default=True,
                             description=TOP_LEVEL["training"])),
             stages=(dict[str, places["stage"]], Field(min_length=1, description=TOP_LEVEL["stages"])),
         )
@@ -343,7 +343,8 @@ class _Builder:
         schema_model = create_model(model.__name__, __base__=model, __module__=model.__module__, **fields)
         self.models.append(schema_model)
         self.originals[schema_model] = model
-        self.plain[model] = Annotated[schema_model, AfterValidator(_to_original(model))]  # type: ignore[assignment]
+        self.plain[model] = Annotated[schema_model, BeforeValidator(_as_mapping(model)),  # type: ignore[assignment]
+                                      AfterValidator(_to_original(model))]
         return self.plain[model]
 
 
@@ -378,6 +379,15 @@ def _error(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, "{message}", {"message": message})
 
 
+def _as_mapping(original: type[BaseModel]):
+    """An instance of the original model (a default, say) -> its fields, to validate again."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, original):
+            return {k: getattr(value, k) for k in type(value).model_fields}
+        return value
+    return convert
+
+
 def _to_original(original: type[BaseModel]):
     """Validated schema model -> the same values as an instance of the registered ``Params``."""
     def convert(value: BaseModel) -> BaseModel:
@@ -403,8 +413,8 @@ def _prepare_run(data: Any, stage_training: Mapping[str, str]) -> Any:
         merged_stages = {}
         for name, spec in stages.items():
             spec = {"kind": spec} if isinstance(spec, str) else spec
-            field_name = stage_training.get(spec.get("kind")) if isinstance(spec, Mapping) else None
-            if field_name is not None and isinstance(spec.get("kind"), str):
+            field_name = training_field_of(spec, stage_training)
+            if field_name is not None:
                 own = spec.get(field_name)
                 own = {} if own is None else own
                 if isinstance(own, Mapping):
@@ -412,6 +422,12 @@ def _prepare_run(data: Any, stage_training: Mapping[str, str]) -> Any:
             merged_stages[name] = spec
         data["stages"] = merged_stages
     return data
+
+
+def training_field_of(spec: Any, stage_training: Mapping[str, str]) -> str | None:
+    """The StageTraining field of a stage's raw config (a mapping or a name), if its kind has one."""
+    kind = spec if isinstance(spec, str) else spec.get("kind") if isinstance(spec, Mapping) else None
+    return stage_training.get(kind) if isinstance(kind, str) else None
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
