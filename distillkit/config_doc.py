@@ -61,7 +61,12 @@ def config_reference(registries: Registries, plugins: Iterable[str] = ()) -> str
            "pydantic `Params` models of the core and of the plugins " + _plugin_list(plugins) + ";",
            "`distillkit config-doc` prints it for the plugins installed where it runs. A component is",
            "chosen by `kind:`, and the other keys of its mapping are those of its table. Unknown keys are",
-           "errors; `--set key.path=value` overrides any key from the command line.", "",
+           "errors; `--set key.path=value` overrides any key from the command line. A component may also",
+           "be given by its name alone (`encoder: resnet18` is `{kind: resnet18}`).", "",
+           "`distillkit schema --out distillkit.schema.json` writes the config's JSON Schema (every",
+           "component a union on `kind`) for an editor: with the YAML language server (VS Code's YAML",
+           "extension), a config whose first line is `# yaml-language-server: $schema=distillkit.schema.json`",
+           "is checked as you type.", "",
            "## Top level", "",
            "| key | type | default | description |", "| --- | --- | --- | --- |"]
     scalars = {key: (kind, default) for key, kind, default in TOP_LEVEL_SCALARS}
