@@ -219,8 +219,8 @@ class _Builder:
         self.registries = registries
         self.models: list[type[BaseModel]] = []  # every generated model, rebuilt once the places exist
         self.originals: dict[type, type] = {}
-        self.plain: dict[type, type] = {}  # non-component models with nested components -> their schema model
-        self.training: Any = None
+        self.plain: dict[type, Any] = {}  # plain models (TrainingParams) -> the type that validates them
+        self.training: Any = None  # TrainingParams's
 
     def build(self) -> ConfigSchema:
         from distillkit.data import SplitParams
@@ -297,8 +297,8 @@ class _Builder:
         label = name if name.isidentifier() else "".join(c if c.isalnum() else "_" for c in name)
         model = create_model(f"{kind}.{label}", __base__=base, __module__=base.__module__, **fields)
         self.models.append(model)
-        if params is not None:
-            self.originals[model] = params
+        if params is not None and "kind" in params.model_fields:
+            self.originals[model] = params  # (Params without a `kind` stay the generated subclass: it has one)
         return model
 
     def nested_field(self, model: type[BaseModel], fname: str, kind: str, owner: str) -> tuple[Any, FieldInfo]:
@@ -331,8 +331,9 @@ class _Builder:
                                   _copy_field(info, validate_default=True))
         return out
 
-    def model(self, model: type[BaseModel]) -> type[BaseModel]:
-        """``model`` itself, or a subclass whose nested components are unions of their kinds."""
+    def model(self, model: type[BaseModel]) -> Any:
+        """``model`` itself or, when it nests components, a subclass whose nested components are
+        unions of their kinds (annotated to take and give instances of ``model``)."""
         if model in self.plain:
             return self.plain[model]
         self.plain[model] = model  # while building (a model that nests itself stays as is)

@@ -271,3 +271,14 @@ def test_the_docs_nested_params_example_validates_as_written(monkeypatch):
     config["student"]["side"] = {"kind": "mlp", "hiden": 3}
     with pytest.raises(ConfigErrors, match=r"student.side.hiden: unknown key 'hiden'. Did you mean 'hidden'\?"):
         validate_config(config, registries)
+
+
+def test_a_stage_training_that_is_no_mapping_and_a_run_training_of_null(registries):
+    config = {"data": "toy_blobs", "tasks": {"t": "classification"}, "student": "multitask", "training": None,
+              "stages": {"p": {"kind": "probe", "training": [1]}, "q": {"kind": "probe", "training": {"epochs": 2}}}}
+    with pytest.raises(ConfigErrors) as err:
+        validate_config(config, registries)
+    assert err.value.problems == ["stages.p.training: must be a mapping of training settings."]
+    del config["stages"]["p"]
+    cfg = validate_config(config, registries)
+    assert cfg.training == TrainingParams() and cfg.stages["q"].training == TrainingParams(epochs=2)
