@@ -187,7 +187,7 @@ _NOT_A_MAPPING = ("model_type", "dict_type", "model_attributes_type")
 
 
 def _report(problems: _Problems, exc: ValidationError, schema: ConfigSchema, root: Any, prefix: str = "",
-            top_level: bool = False, keep: Callable[[list[str], str], bool] | None = None) -> None:
+            top_level: bool = False, keep: Callable[[list[str]], bool] | None = None) -> None:
     """Add pydantic's errors as today's messages: YAML path without union tags, did-you-mean."""
     for err in exc.errors():
         parts, holder = _walk(schema, root, err["loc"])
@@ -210,7 +210,7 @@ def _report(problems: _Problems, exc: ValidationError, schema: ConfigSchema, roo
             message = "must be a mapping of training settings."
         else:
             message = _plain_message(err, holder, schema, section=False)
-        if keep is None or keep(parts, kind):
+        if keep is None or keep(parts):
             problems.add(path, message)
 
 
@@ -237,7 +237,7 @@ def _is_stage_training(schema: ConfigSchema, loc: tuple) -> bool:
 def _walk(schema: ConfigSchema, root: Any, loc: tuple) -> tuple[list[str], Any]:
     """A pydantic error location as YAML path parts (the tag a union adds after a component
     place dropped), and the model that holds the last part (for its valid keys)."""
-    namespace = {f"_place_{kind}": place for kind, place in schema.places.items()}
+    namespace = schema.namespace
     node, meta, parts, holder = root, [], [], None
     for part in loc:
         node, meta = _unwrap(node, meta, namespace)
@@ -378,7 +378,7 @@ def validate_config(data: Mapping[str, Any], registries: Registries, file: str =
     problems = _Problems(file, lines or {})
     own_training = _own_training(schema, data)
 
-    def keep(parts: list[str], kind: str) -> bool:
+    def keep(parts: list[str]) -> bool:
         # A stage's training settings are the run's with its own keys over them: a mistake in
         # a key the stage does not set is the run's, reported once under training.<key>.
         if len(parts) < 3 or parts[0] != "stages" or parts[1] not in own_training:

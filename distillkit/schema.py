@@ -171,6 +171,11 @@ class ConfigSchema:
     originals: dict[type, type]
     _adapters: dict[str, TypeAdapter] = field(default_factory=dict)
 
+    @property
+    def namespace(self) -> dict[str, Any]:
+        """The names by which generated models refer to the places (forward references)."""
+        return {_place_name(kind): place for kind, place in self.places.items()}
+
     def adapter(self, kind: str) -> TypeAdapter:
         if kind not in self._adapters:
             self._adapters[kind] = TypeAdapter(self.places[kind])
