@@ -53,6 +53,9 @@ _EXPORTS = {
     # config
     "load_config": "distillkit.config",
     "apply_overrides": "distillkit.config",
+    "Component": "distillkit.schema",
+    "StageTraining": "distillkit.schema",
+    "config_schema": "distillkit.schema",
     # runs, models and evaluation
     "RunDirectory": "distillkit.rundir",
     "RunLayout": "distillkit.rundir",

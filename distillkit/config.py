@@ -1,8 +1,9 @@
 """Run configs: safe YAML, ``--set`` overrides, and validation against registered components.
 
-A config names components by ``kind``; each component's own strict pydantic ``Params`` model
-validates the rest of its mapping. Every error is collected (not only the first) and reported
-with its YAML path and line, and an unknown ``kind`` gets a "did you mean". A config never
+A config names components by ``kind``; the run's schema (:mod:`distillkit.schema`, a pydantic
+model built from the registries: a union discriminated on ``kind`` wherever a component goes)
+validates it in one call. Every error is collected (not only the first) and reported with its
+YAML path and line, and an unknown ``kind`` or key gets a "did you mean". A config never
 imports or executes code: YAML is read with the safe loader, and ``kind`` only selects among
 components that installed plugins registered.
 """
@@ -10,9 +11,10 @@ components that installed plugins registered.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_args
+from typing import Annotated, Any, Callable, ForwardRef, Mapping, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,21 +22,12 @@ from pydantic import BaseModel, ValidationError
 from distillkit.data import SplitParams
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.registry import Registries
+from distillkit.schema import (SELECTION_ERRORS, TOP_LEVEL, ConfigSchema, Place, config_schema, deep_merge,
+                               training_field_of)
 from distillkit.training import TrainingParams
 
-TOP_LEVEL = {
-    "name": "a label for the run",
-    "seed": "global random seed",
-    "device": "auto | cpu | cuda | cuda:N",
-    "cache_dir": "where decoded images and teacher outputs are cached",
-    "data": "the dataset source (kind: ...)",
-    "split": "patient-level split fractions",
-    "tasks": "mapping of task name -> task (kind: ...)",
-    "student": "the student architecture (kind: ...)",
-    "training": "default training settings for every stage",
-    "stages": "mapping of stage name -> stage (kind: ...)",
-}
-
+__all__ = ["ConfigErrors", "RunConfig", "TOP_LEVEL", "apply_overrides", "config_schema", "deep_merge", "dump",
+           "load_config", "read_yaml", "validate_component", "validate_config", "validate_data_sections"]
 
 class ConfigErrors(DistillkitError):
     """Several config mistakes, reported together."""
@@ -154,25 +147,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 # -- validation ---------------------------------------------------------------------------
 
-class _Validator:
-    def __init__(self, registries: Registries, file: str, lines: Mapping[str, int]):
-        self.registries = registries
+class _Problems:
+    """Config mistakes, each with its YAML path and line."""
+
+    def __init__(self, file: str, lines: Mapping[str, int]):
         self.file = file
         self.lines = lines
-        self.problems: list[str] = []
+        self.items: list[str] = []
 
-    def problem(self, path: str, message: str) -> None:
+    def add(self, path: str, message: str) -> None:
         line = self._line(path)
-        self.problems.append(f"{path}{f' (line {line})' if line else ''}: {message}")
+        self.items.append(f"{path}{f' (line {line})' if line else ''}: {message}")
 
     def _line(self, path: str) -> int | None:
         parts = path.split(".")
@@ -183,96 +170,133 @@ class _Validator:
             parts.pop()
         return None
 
-    def model(self, cls: type[BaseModel], raw: Any, path: str) -> BaseModel | None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            self.problem(path, f"expected a mapping, got {type(raw).__name__} {raw!r}.")
-            return None
-        try:
-            return cls.model_validate(dict(raw))
-        except ValidationError as exc:
-            for err in exc.errors():
-                loc = ".".join(str(p) for p in err["loc"])
-                sub = f"{path}.{loc}" if loc else path
-                msg = err["msg"]
-                if err["type"] == "extra_forbidden":
-                    name = str(err["loc"][-1])
-                    known = _keys_at(cls, err["loc"][:-1])
-                    msg = f"unknown key '{name}'.{did_you_mean(name, known)} Valid keys: {', '.join(known)}."
-                elif "input" in err and err["type"] not in ("missing",):
-                    msg = f"{msg} (got {err['input']!r})"
-                self.problem(sub, msg if msg.endswith(".") or msg.endswith(")") else msg + ".")
-            return None
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigErrors(self.file, self.items)
 
-    def component(self, kind: str, raw: Any, path: str) -> BaseModel | None:
-        """Select a registered component by ``raw['kind']`` and validate it with its Params."""
-        registry = self.registries.by_kind[kind]
-        if isinstance(raw, str):
-            raw = {"kind": raw}
-        if not isinstance(raw, Mapping):
-            self.problem(path, f"expected a mapping with 'kind: <{kind}>', got {raw!r}.")
-            return None
-        name = raw.get("kind")
-        if name is None:
-            self.problem(path, f"missing 'kind'. Known {kind}s: {', '.join(registry.names())}.")
-            return None
-        if not isinstance(name, str):  # e.g. `kind: []` or `kind: 3`
-            self.problem(f"{path}.kind", f"must be the name of a {kind} (got {name!r}). "
-                                         f"Known {kind}s: {', '.join(registry.names()) or 'none'}.")
-            return None
-        if name not in registry:
-            self.problem(f"{path}.kind", f"unknown {kind} '{name}'.{did_you_mean(name, registry.names())} "
-                                          f"Known {kind}s: {', '.join(registry.names()) or 'none'}.")
-            return None
-        cls = registry.get(name)
-        raw = dict(raw)
-        nested = getattr(cls, "nested", {})
-        # Nested components (a student's encoder, a stage's aggregation) are validated by
-        # their own registries; the outer Params holds them as opaque values until then.
-        inner_raw = {k: raw[k] for k in nested if k in raw}
-        if getattr(cls, "uses_training", False):
-            raw["training"] = None
-        params = self.model(cls.Params, raw, path)
-        if params is None:
-            return None
-        updates: dict[str, Any] = {}
-        for fname, sub_kind in nested.items():
-            sub_raw = inner_raw.get(fname, getattr(params, fname))
-            if sub_raw is None:
-                continue
-            if isinstance(sub_raw, BaseModel):  # a default already validated
-                continue
-            if isinstance(sub_raw, list):
-                updates[fname] = [self.component(sub_kind, item, f"{path}.{fname}.{i}")
-                                  for i, item in enumerate(sub_raw)]
+
+#: messages of the run's own scalar keys, whatever pydantic's error
+_TOP_LEVEL_MESSAGES = {
+    "seed": "must be an integer (got {input!r}).",
+    "device": "must be auto, cpu, cuda or cuda:N (got {input!r}).",
+    "cache_dir": "must be a path (got {input!r}).",
+    "tasks": "must map at least one task name to a task (e.g. 'broad: {{kind: classification}}').",
+    "stages": "must map at least one stage name to a stage (e.g. 'm1: {{kind: train}}').",
+}
+_NOT_A_MAPPING = ("model_type", "dict_type", "model_attributes_type")
+
+
+def _report(problems: _Problems, exc: ValidationError, schema: ConfigSchema, root: Any, prefix: str = "",
+            top_level: bool = False, keep: Callable[[list[str]], bool] | None = None) -> None:
+    """Add pydantic's errors as today's messages: YAML path without union tags, did-you-mean."""
+    for err in exc.errors():
+        parts, holder = _walk(schema, root, err["loc"])
+        path = ".".join([prefix, *parts] if prefix else parts) or prefix
+        kind, message = err["type"], err["msg"]
+        if kind in SELECTION_ERRORS:
+            path += SELECTION_ERRORS[kind]
+        elif top_level and len(parts) == 1:
+            key = parts[0]
+            if kind == "extra_forbidden":
+                message = (f"unknown top-level key '{key}'.{did_you_mean(key, TOP_LEVEL)} "
+                           f"Valid keys: {', '.join(TOP_LEVEL)}.")
+            elif kind == "missing":
+                message = f"missing required section '{key}' ({TOP_LEVEL[key]})."
+            elif key in _TOP_LEVEL_MESSAGES:
+                message = _TOP_LEVEL_MESSAGES[key].format(input=err.get("input"))
             else:
-                updates[fname] = self.component(sub_kind, sub_raw, f"{path}.{fname}")
-        return params.model_copy(update=updates) if updates else params
+                message = _plain_message(err, holder, schema, section=True)
+        elif top_level and kind in _NOT_A_MAPPING and _is_stage_training(schema, err["loc"]):
+            message = "must be a mapping of training settings."
+        else:
+            message = _plain_message(err, holder, schema, section=False)
+        if keep is None or keep(parts):
+            problems.add(path, message)
 
 
-def _keys_at(cls: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys of the model that ``loc`` points into (``training.optimizer`` -> the optimizer's)."""
+def _plain_message(err: Mapping[str, Any], holder: Any, schema: ConfigSchema, section: bool) -> str:
+    kind, message = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        model = schema.originals.get(holder, holder)
+        known = list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+        return f"unknown key '{name}'.{did_you_mean(name, known)} Valid keys: {', '.join(known)}."
+    if kind in _NOT_A_MAPPING and section:  # `split: 3`, `training: [..]`
+        value = err.get("input")
+        return f"expected a mapping, got {type(value).__name__} {value!r}."
+    if "input" in err and kind != "missing":
+        message = f"{message} (got {err['input']!r})"
+    return message if message.endswith(".") or message.endswith(")") else message + "."
+
+
+def _is_stage_training(schema: ConfigSchema, loc: tuple) -> bool:
+    # ('stages', name, tag, field): a stage's own training settings are not a mapping
+    return len(loc) == 4 and loc[0] == "stages" and schema.stage_training.get(str(loc[2])) == loc[3]
+
+
+def _walk(schema: ConfigSchema, root: Any, loc: tuple) -> tuple[list[str], Any]:
+    """A pydantic error location as YAML path parts (the tag a union adds after a component
+    place dropped), and the model that holds the last part (for its valid keys)."""
+    namespace = schema.namespace
+    node, meta, parts, holder = root, [], [], None
     for part in loc:
-        info = cls.model_fields.get(part) if isinstance(part, str) else None
-        if info is None:
-            continue  # a list index: stay with the model of the list's items
-        inner = [t for t in (info.annotation, *get_args(info.annotation))
-                 if isinstance(t, type) and issubclass(t, BaseModel)]
-        if not inner:
+        node, meta = _unwrap(node, meta, namespace)
+        place = next((m for m in meta if isinstance(m, Place)), None)
+        meta = []
+        if place is not None and part in place.members:  # the union's tag: a registered name
+            node = place.members[part]
+            continue
+        if place is not None and len(place.members) == 1:  # a union of one member may add no tag
+            node, _ = _unwrap(next(iter(place.members.values())), [], namespace)
+        holder = None
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            holder = node
+            info = node.model_fields.get(part) if isinstance(part, str) else None
+            node, meta = (info.annotation, list(info.metadata)) if info is not None else (None, [])
+        elif get_origin(node) is dict:
+            node = get_args(node)[1] if get_args(node) else None
+        elif get_origin(node) in (list, tuple, set, frozenset):
+            node = get_args(node)[0] if get_args(node) else None
+        elif get_origin(node) in (Union, types.UnionType):
+            node = next((a for a in get_args(node) if isinstance(a, type) and a.__name__ == part), None)
+        else:
+            node = None
+        parts.append(str(part))
+    return parts, holder
+
+
+def _unwrap(node: Any, meta: list[Any], namespace: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """Strip ``Annotated`` (keeping its metadata), forward references and ``Optional``."""
+    meta = list(meta)
+    for _ in range(20):
+        if isinstance(node, str):
+            node = namespace.get(node)
+        elif isinstance(node, ForwardRef):
+            node = namespace.get(node.__forward_arg__)
+        elif get_origin(node) is Annotated:
+            meta += list(node.__metadata__)
+            node = get_args(node)[0]
+        elif get_origin(node) in (Union, types.UnionType) and type(None) in get_args(node):
+            rest = [a for a in get_args(node) if a is not type(None)]
+            if len(rest) != 1:
+                node = Union[tuple(rest)]
+                break
+            node = rest[0]
+        else:
             break
-        cls = inner[0]
-    return list(cls.model_fields)
+    return node, meta
 
 
 def validate_component(kind: str, raw: Any, registries: Registries, file: str = "<config>",
                        path: str = "") -> BaseModel:
     """Validate one component mapping (``kind: ...`` plus its params, nested components too)."""
-    v = _Validator(registries, file, {})
-    params = v.component(kind, raw, path or kind)
-    if v.problems or params is None:
-        raise ConfigErrors(file, v.problems)
-    return params
+    schema = config_schema(registries)
+    try:
+        return schema.adapter(kind).validate_python(raw)
+    except ValidationError as exc:
+        problems = _Problems(file, {})
+        _report(problems, exc, schema, schema.places[kind], prefix=path or kind)
+        raise ConfigErrors(file, problems.items) from None
 
 
 def validate_data_sections(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
@@ -282,128 +306,100 @@ def validate_data_sections(data: Mapping[str, Any], registries: Registries, file
     For tools that re-create a run's data (``eval``, ``report``): the other sections are
     not theirs to check. Errors are reported together, with paths and lines, as for a run.
     """
-    v = _Validator(registries, file, lines or {})
-    if "data" not in data:
-        v.problem("data", f"missing required section 'data' ({TOP_LEVEL['data']}).")
-    dataset = v.component("dataset", data["data"], "data") if "data" in data else None
-    split = v.model(SplitParams, data.get("split"), "split")
-    cache_dir = data.get("cache_dir")
-    if cache_dir is not None and not isinstance(cache_dir, str):
-        v.problem("cache_dir", f"must be a path (got {cache_dir!r}).")
-    if v.problems:
-        raise ConfigErrors(file, v.problems)
-    assert dataset is not None and split is not None
-    return dataset, split, cache_dir
+    schema = config_schema(registries)
+    problems = _Problems(file, lines or {})
+    try:
+        sections = schema.data_sections.model_validate(
+            {k: v for k, v in data.items() if k in ("data", "split", "cache_dir")})
+    except ValidationError as exc:
+        _report(problems, exc, schema, schema.data_sections, top_level=True)
+        problems.raise_if_any()
+    return sections.data, sections.split, sections.cache_dir
 
 
-def _training(v: _Validator, raw: Any, path: str) -> TrainingParams | None:
-    """Training settings, with the optional ``augment`` component validated by its registry."""
-    training = v.model(TrainingParams, raw, path)
-    if training is None or training.augment is None:
-        return training
-    augment = v.component("augmentation", training.augment, f"{path}.augment")
-    return training.model_copy(update={"augment": augment}) if augment is not None else None
+def _own_training(schema: ConfigSchema, data: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{stage: (its StageTraining field, its own settings)}`` for the stages that train
+    with the run's settings."""
+    own: dict[str, tuple[str, Any]] = {}
+    stages = data.get("stages")
+    if not isinstance(stages, Mapping):
+        return own
+    for name, spec in stages.items():
+        field_name = training_field_of(spec, schema.stage_training)
+        if field_name is not None:
+            own[str(name)] = (field_name, (spec.get(field_name) if isinstance(spec, Mapping) else None) or {})
+    return own
 
 
-def _check_samplers(v: _Validator, training: TrainingParams | None, stages: Mapping[str, BaseModel],
-                    tasks: Mapping[str, BaseModel], raw_stages: Mapping[str, Any]) -> None:
-    """A balanced sampler must name a classification task of the run."""
+def _check_samplers(problems: _Problems, data: Mapping[str, Any], own_training: Mapping[str, tuple[str, Any]],
+                    registries: Registries) -> None:
+    """A balanced sampler must name a classification task of the run (read from the raw
+    mapping, so that the mistake is reported with the others)."""
     from distillkit.builtin.classification import ClassificationParams
 
-    places: list[tuple[str, Any]] = [("training.sampler", training.sampler if training is not None else None)]
-    for name, params in stages.items():
-        own = (raw_stages.get(name) or {}).get("training") if isinstance(raw_stages.get(name), Mapping) else None
+    tasks = data.get("tasks")
+    if not isinstance(tasks, Mapping) or not tasks:
+        return
+    tasks = {str(k): v for k, v in tasks.items()}
+    run_training = data.get("training")
+    run_sampler = run_training.get("sampler") if isinstance(run_training, Mapping) else None
+    places: list[tuple[str, Any]] = [("training.sampler", run_sampler)]
+    for name, (_, own) in own_training.items():
         if isinstance(own, Mapping) and "sampler" in own:  # inherited ones are checked once, above
-            places.append((f"stages.{name}.training.sampler", getattr(params, "training").sampler))
+            sampler = own["sampler"]
+            if isinstance(run_sampler, Mapping) and isinstance(sampler, Mapping):
+                sampler = deep_merge(run_sampler, sampler)
+            places.append((f"stages.{name}.training.sampler", sampler))
     for path, sampler in places:
-        if sampler is None or sampler.kind != "balanced" or not tasks:
+        if not isinstance(sampler, Mapping) or sampler.get("kind") != "balanced" or not isinstance(
+                sampler.get("task"), str):
             continue
-        if sampler.task not in tasks:
-            v.problem(f"{path}.task", f"unknown task '{sampler.task}'.{did_you_mean(str(sampler.task), tasks)} "
-                                      f"Tasks of this run: {', '.join(tasks)}.")
-        elif not isinstance(tasks[sampler.task], ClassificationParams):
-            v.problem(f"{path}.task", f"task '{sampler.task}' is a {getattr(tasks[sampler.task], 'kind', '?')} task; "
-                                      f"a balanced sampler balances the classes of a classification task.")
+        task = sampler["task"]
+        if task not in tasks:
+            problems.add(f"{path}.task", f"unknown task '{task}'.{did_you_mean(task, tasks)} "
+                                         f"Tasks of this run: {', '.join(tasks)}.")
+            continue
+        spec = tasks[task]
+        kind = spec if isinstance(spec, str) else spec.get("kind") if isinstance(spec, Mapping) else None
+        params = getattr(registries.task.get(kind), "Params", None) if isinstance(kind, str) and kind in \
+            registries.task else None
+        if isinstance(params, type) and not issubclass(params, ClassificationParams):
+            problems.add(f"{path}.task", f"task '{task}' is a {kind} task; a balanced sampler balances the classes "
+                                         f"of a classification task.")
 
 
 def validate_config(data: Mapping[str, Any], registries: Registries, file: str = "<config>",
                     lines: Mapping[str, int] | None = None, base_dir: Path | None = None) -> RunConfig:
-    v = _Validator(registries, file, lines or {})
-    for key in data:
-        if key not in TOP_LEVEL:
-            v.problem(str(key), f"unknown top-level key '{key}'.{did_you_mean(str(key), TOP_LEVEL)} "
-                                f"Valid keys: {', '.join(TOP_LEVEL)}.")
-    for key in ("data", "tasks", "student", "stages"):
-        if key not in data:
-            v.problem(key, f"missing required section '{key}' ({TOP_LEVEL[key]}).")
+    """Validate a run config mapping against the schema built from ``registries``.
 
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        v.problem("seed", f"must be an integer (got {seed!r}).")
-        seed = 0
-    device = data.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        v.problem("device", f"must be auto, cpu, cuda or cuda:N (got {device!r}).")
-        device = "cpu"
-    cache_dir = data.get("cache_dir")
-    if cache_dir is not None and not isinstance(cache_dir, str):
-        v.problem("cache_dir", f"must be a path (got {cache_dir!r}).")
-        cache_dir = None
+    Every mistake is reported at once (:class:`ConfigErrors`), with its YAML path and line.
+    """
+    schema = config_schema(registries)
+    problems = _Problems(file, lines or {})
+    own_training = _own_training(schema, data)
 
-    dataset = v.component("dataset", data["data"], "data") if "data" in data else None
-    split = v.model(SplitParams, data.get("split"), "split")
+    def keep(parts: list[str]) -> bool:
+        # A stage's training settings are the run's with its own keys over them: a mistake in
+        # a key the stage does not set is the run's, reported once under training.<key>.
+        if len(parts) < 3 or parts[0] != "stages" or parts[1] not in own_training:
+            return True
+        field_name, own = own_training[parts[1]]
+        if parts[2] != field_name or not isinstance(own, Mapping):
+            return True
+        return len(parts) > 3 and parts[3] in own
 
-    tasks: dict[str, BaseModel] = {}
-    raw_tasks = data.get("tasks") or {}
-    if not isinstance(raw_tasks, Mapping) or ("tasks" in data and not raw_tasks):
-        v.problem("tasks", "must map at least one task name to a task (e.g. 'broad: {kind: classification}').")
-        raw_tasks = {}
-    for name, spec in raw_tasks.items():
-        params = v.component("task", spec, f"tasks.{name}")
-        if params is not None:
-            tasks[str(name)] = params
-
-    student = v.component("student", data["student"], "student") if "student" in data else None
-    raw_training = data.get("training") or {}
-    training = _training(v, raw_training, "training")
-
-    stages: dict[str, BaseModel] = {}
-    raw_stages = data.get("stages") or {}
-    if not isinstance(raw_stages, Mapping) or ("stages" in data and not raw_stages):
-        v.problem("stages", "must map at least one stage name to a stage (e.g. 'm1: {kind: train}').")
-        raw_stages = {}
-    for name, spec in raw_stages.items():
-        path = f"stages.{name}"
-        params = v.component("stage", spec, path)
-        if params is None:
-            continue
-        cls = registries.stage.get(params.kind)
-        if getattr(cls, "uses_training", False):
-            own = (spec or {}).get("training") or {}
-            if not isinstance(own, Mapping):
-                v.problem(f"{path}.training", "must be a mapping of training settings.")
-                continue
-            if not isinstance(raw_training, Mapping):
-                continue
-            # A stage's training settings override the run's defaults key by key; only keys
-            # the stage itself sets are reported here (the defaults are checked above).
-            before = len(v.problems)
-            stage_training = _training(v, deep_merge(raw_training, own), f"{path}.training")
-            v.problems[before:] = [p for p in v.problems[before:]
-                                   if any(p.startswith(f"{path}.training.{k}") for k in own)]
-            if stage_training is None:
-                continue
-            params = params.model_copy(update={"training": stage_training})
-        stages[str(name)] = params
-
-    _check_samplers(v, training, stages, tasks, raw_stages if isinstance(raw_stages, Mapping) else {})
-    if v.problems:
-        raise ConfigErrors(file, v.problems)
-    assert dataset is not None and split is not None and student is not None and training is not None
-    config = RunConfig(file=file, base_dir=base_dir or Path("."), name=str(data.get("name", Path(file).stem)),
-                       seed=seed, device=device, cache_dir=cache_dir, data=dataset, split=split, tasks=tasks,
-                       student=student, training=training, stages=stages, raw=dict(data))
-    return config
+    run = None
+    try:
+        run = schema.run.model_validate(data)
+    except ValidationError as exc:
+        _report(problems, exc, schema, schema.run, top_level=True, keep=keep)
+    _check_samplers(problems, data, own_training, registries)
+    problems.raise_if_any()
+    assert run is not None
+    return RunConfig(file=file, base_dir=base_dir or Path("."), name=Path(file).stem if run.name is None else run.name,
+                     seed=run.seed, device=run.device, cache_dir=run.cache_dir, data=run.data, split=run.split,
+                     tasks=dict(run.tasks), student=run.student, training=run.training, stages=dict(run.stages),
+                     raw=dict(data))
 
 
 def load_config(path: str | Path, registries: Registries, overrides: list[str] | None = None) -> RunConfig:

@@ -27,6 +27,7 @@ from pydantic_core import PydanticUndefined
 from distillkit.config import TOP_LEVEL, dump
 from distillkit.data import SplitParams
 from distillkit.registry import Registries
+from distillkit.schema import component_fields, model_components, stage_training_field
 from distillkit.training import TrainingParams
 
 #: (registry kind, anchor, heading, where it appears in a config)
@@ -60,7 +61,12 @@ def config_reference(registries: Registries, plugins: Iterable[str] = ()) -> str
            "pydantic `Params` models of the core and of the plugins " + _plugin_list(plugins) + ";",
            "`distillkit config-doc` prints it for the plugins installed where it runs. A component is",
            "chosen by `kind:`, and the other keys of its mapping are those of its table. Unknown keys are",
-           "errors; `--set key.path=value` overrides any key from the command line.", "",
+           "errors; `--set key.path=value` overrides any key from the command line. A component may also",
+           "be given by its name alone (`encoder: resnet18` is `{kind: resnet18}`).", "",
+           "`distillkit schema --out distillkit.schema.json` writes the config's JSON Schema (every",
+           "component a union on `kind`) for an editor: with the YAML language server (VS Code's YAML",
+           "extension), a config whose first line is `# yaml-language-server: $schema=distillkit.schema.json`",
+           "is checked as you type.", "",
            "## Top level", "",
            "| key | type | default | description |", "| --- | --- | --- | --- |"]
     scalars = {key: (kind, default) for key, kind, default in TOP_LEVEL_SCALARS}
@@ -80,7 +86,7 @@ def config_reference(registries: Registries, plugins: Iterable[str] = ()) -> str
     out += ["", '<a id="training"></a>', "", "## `training`", "",
             "The run's training settings. A stage that trains (`train`, `ensemble`, `distill`) may have its",
             "own `training:` mapping; its keys override these one by one.", ""]
-    out += _model_section(TrainingParams, "training", registries, {"augment": "augmentation"})
+    out += _model_section(TrainingParams, "training", registries, model_components(TrainingParams))
     for kind, anchor, heading, where in FAMILIES:
         registry = registries.by_kind[kind]
         out += ["", f'<a id="{anchor}"></a>', "", f"## {heading} (`{where}`)", ""]
@@ -94,8 +100,8 @@ def config_reference(registries: Registries, plugins: Iterable[str] = ()) -> str
             if params is None:
                 out += ["No parameters.", ""]
                 continue
-            out += _model_section(params, where, registries, dict(getattr(cls, "nested", {})),
-                                  trains=bool(getattr(cls, "uses_training", False)), component=True)
+            out += _model_section(params, where, registries, component_fields(cls),
+                                  trains=stage_training_field(cls), component=True)
             out.append("")
         out.pop()
     while out and out[-1] == "":
@@ -124,7 +130,7 @@ def undocumented_keys(registries: Registries) -> list[str]:
 # -- one model -------------------------------------------------------------------------------
 
 def _model_section(model: type[BaseModel], where: str, registries: Registries, nested: dict[str, str],
-                   trains: bool = False, component: bool = False) -> list[str]:
+                   trains: str | None = None, component: bool = False) -> list[str]:
     """The key table of ``model`` and, below it, one table per nested pydantic model."""
     rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
     below: list[tuple[str, type[BaseModel]]] = []
@@ -136,7 +142,7 @@ def _model_section(model: type[BaseModel], where: str, registries: Registries, n
             family = nested[name]
             many = get_origin(info.annotation) is list
             kind = f"{'list of ' if many else ''}[{family}](#{ANCHORS.get(family, family)})"
-        elif name == "training" and trains:
+        elif name == trains:
             kind, doc = "[mapping](#training)", doc or "this stage's training settings, over the run's `training`"
         else:
             kind = _type_name(info.annotation) + _constraints(info.metadata)
@@ -145,7 +151,7 @@ def _model_section(model: type[BaseModel], where: str, registries: Registries, n
         rows.append(f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(doc)} |")
     for path, sub in below:
         rows += ["", f"`{path}`" + (f": {_summary(sub)}" if sub.__doc__ else ""), ""]
-        rows += _model_section(sub, path, registries, {})
+        rows += _model_section(sub, path, registries, model_components(sub))
     return rows
 
 

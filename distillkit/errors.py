@@ -30,6 +30,11 @@ class DistillkitError(Exception):
         return text
 
 
+def plural(noun: str) -> str:
+    """``tasks``, ``losses``: the plural of a component kind, for messages."""
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """``" Did you mean 'x'?"`` for the closest known name, or ``""``."""
     match = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)

@@ -37,6 +37,7 @@ from distillkit.data import SplitData, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Encoder, EncoderParams, FreezeUntil, Student
 from distillkit.io import read_json, write_json
+from distillkit.schema import component_fields
 
 Tensor = torch.Tensor
 CACHE_FORMAT = "distillkit.frozen_features/1"
@@ -87,7 +88,7 @@ def frozen_encoder_params(student_params: Any, registries: Any) -> dict[str, Enc
     """The student's nested encoders (by field) whose params freeze blocks."""
     student_cls = registries.student.get(student_params.kind)
     found = {}
-    for field, kind in student_cls.nested.items():
+    for field, kind in component_fields(student_cls).items():
         params = getattr(student_params, field, None)
         if kind == "encoder" and isinstance(params, EncoderParams) and params.freeze != "none":
             found[field] = params

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from distillkit.errors import DistillkitError
+from distillkit.schema import NestedComponents
 
 Tensor = torch.Tensor
 
@@ -316,9 +317,10 @@ class Student(nn.Module):
     """A shared encoder with one head per task, for any subset of tasks."""
 
     Params: ClassVar[type[Params]]
-    #: fields of :attr:`Params` that hold nested components -> their registry kind; the
-    #: config validates each with that kind's own Params (e.g. ``{"encoder": "encoder"}``)
-    nested: ClassVar[dict[str, str]] = {}
+    #: ``{field: registry kind}`` of the fields of :attr:`Params` that hold nested components,
+    #: read from their annotations (``encoder: Annotated[Any, Component("encoder")]``; the
+    #: config validates each with that kind's own Params); read-only
+    nested: ClassVar[dict[str, str]] = NestedComponents()  # type: ignore[assignment]
 
     def __init__(self, encoder: Encoder, tasks: Mapping[str, Task]):
         super().__init__()
@@ -330,8 +332,8 @@ class Student(nn.Module):
     def build(cls, params: Params, tasks: Mapping[str, Task], registries: Any) -> "Student":
         """A student of this class for ``tasks`` (fitted) from its validated ``params``.
 
-        Default: the encoder that ``params.encoder`` names (a nested component, see
-        :attr:`nested`) and one head per task. Override it for another architecture."""
+        Default: the encoder that ``params.encoder`` names (a nested component:
+        ``Annotated[Any, Component("encoder")]``) and one head per task. Override it for another architecture."""
         encoder_params = params.encoder  # type: ignore[attr-defined]
         return cls(registries.encoder.get(encoder_params.kind)(encoder_params), tasks)
 

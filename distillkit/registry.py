@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-from distillkit.errors import DistillkitError, did_you_mean
+from distillkit.errors import DistillkitError, did_you_mean, plural
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise DistillkitError(
-                f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries)} Known {self.kind}s: {known}.",
+                f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries)} Known {plural(self.kind)}: {known}.",
                 where=where,
             ) from None
 

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from pydantic import Field, field_validator
@@ -25,6 +25,7 @@ from distillkit.io import read_json, write_json
 from distillkit.metric_direction import direction, oriented
 from distillkit.models import as_teacher, attach_input_transform, build_student, init_from, load_model, model_meta
 from distillkit.rundir import RunLayout
+from distillkit.schema import Component, NestedComponents, StageTraining
 from distillkit.teacher_targets import (OnlineTargets, TeacherOutputParams, build_or_load_cache, cache_key,
                                         route_teachers)
 from distillkit.training import Member, evaluate, fit, fit_together
@@ -113,10 +114,9 @@ class PlanView:
 
 class Stage(ABC):
     Params: ClassVar[type[Params]]
-    #: the stage has a ``training`` section merged over the run's defaults
-    uses_training: ClassVar[bool] = False
-    #: nested component fields -> registry kind
-    nested: ClassVar[dict[str, str]] = {}
+    #: ``{field: registry kind}`` of the nested components of :attr:`Params`, read from their
+    #: annotations (``loss: Annotated[Any, Component("loss")]``); read-only
+    nested: ClassVar[dict[str, str]] = NestedComponents()  # type: ignore[assignment]
 
     def __init__(self, name: str, params: Params):
         self.name = name
@@ -349,16 +349,16 @@ class TrainParams(Params):
     tasks: Optional[list[str]] = None
     #: start from the weights of this earlier stage's model
     init: Optional[str] = None
-    loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
-    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
+    loss: Annotated[Any, Component("loss")] = Field(default_factory=_default_loss,
+                                                    description="the training objective (kind: kd)")
+    training: Annotated[Any, StageTraining()] = Field(
+        None, description="this stage's training settings, key by key over the run's training")
 
 
 class TrainStage(Stage):
     """Supervised multi-task training on the labeled training split (the paper's M1)."""
 
     Params = TrainParams
-    uses_training = True
-    nested = {"loss": "loss"}
 
     def dependencies(self) -> list[str]:
         return [self.params.init] if self.params.init else []
@@ -384,8 +384,10 @@ class EnsembleParams(Params):
     #: ``all``: every non-empty subset of the tasks (2^n - 1 models); ``proper``: all but the
     #: full set (when the full-task model is trained by another stage); or an explicit list
     subsets: Union[Literal["all", "proper"], list[list[str]]] = "all"
-    loss: Any = Field(default_factory=_default_loss, description="the training objective (kind: kd)")
-    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
+    loss: Annotated[Any, Component("loss")] = Field(default_factory=_default_loss,
+                                                    description="the training objective (kind: kd)")
+    training: Annotated[Any, StageTraining()] = Field(
+        None, description="this stage's training settings, key by key over the run's training")
     #: train all the teachers in one pass over the data per epoch (every teacher steps on each
     #: batch) instead of one after the other; the teachers are the same (see docs/design.md)
     together: bool = False
@@ -395,8 +397,6 @@ class EnsembleStage(Stage):
     """Trains one teacher per subset of the tasks (the paper's seven-teacher ensemble)."""
 
     Params = EnsembleParams
-    uses_training = True
-    nested = {"loss": "loss"}
 
     def subsets(self, all_tasks: Sequence[str]) -> list[list[str]]:
         tasks = self.task_names(all_tasks)
@@ -483,7 +483,7 @@ class DistillParams(Params):
     #: stages whose models teach (a train stage gives one teacher, an ensemble several)
     teachers: list[str] = Field(default_factory=list)
     #: teachers from outside the run, e.g. ``{kind: checkpoint, path: teacher.safetensors}``
-    extra_teachers: list[Any] = Field(default_factory=list)
+    extra_teachers: Annotated[list[Any], Component("teacher")] = Field(default_factory=list)
     #: ``labeled``: CE to the labels plus KL to the teachers on the training split (M2);
     #: ``unlabeled``: KL only, on the unlabeled pool (M3)
     data: Literal["labeled", "unlabeled"] = "labeled"
@@ -495,13 +495,16 @@ class DistillParams(Params):
     temperature: Union[float, Literal["auto"], dict[str, Union[float, Literal["auto"]]]] = 1.0
     temperature_grid: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 10.0], min_length=1,
                                           description="the temperatures that temperature: auto chooses from")
-    aggregation: Any = Field(default_factory=lambda: {"kind": "mean"},
-                             description="how the teachers that learned a task are weighted for that task")
+    aggregation: Annotated[Any, Component("aggregation")] = Field(
+        default_factory=lambda: {"kind": "mean"},
+        description="how the teachers that learned a task are weighted for that task")
     teacher_outputs: TeacherOutputParams = Field(TeacherOutputParams(),
                                                  description="where the teachers' outputs come from: a cache computed "
                                                              "once, or online")
-    loss: Any = Field(default_factory=_default_loss, description="the distillation objective (kind: kd)")
-    training: Any = Field(None, description="this stage's training settings, key by key over the run's training")
+    loss: Annotated[Any, Component("loss")] = Field(default_factory=_default_loss,
+                                                    description="the distillation objective (kind: kd)")
+    training: Annotated[Any, StageTraining()] = Field(
+        None, description="this stage's training settings, key by key over the run's training")
 
     @field_validator("temperature")
     @classmethod
@@ -557,8 +560,6 @@ class DistillStage(Stage):
     """Knowledge distillation from one or more earlier stages' models (the paper's M2 and M3)."""
 
     Params = DistillParams
-    uses_training = True
-    nested = {"aggregation": "aggregation", "loss": "loss", "extra_teachers": "teacher"}
 
     def dependencies(self) -> list[str]:
         deps = ([self.params.init] if self.params.init else []) + list(self.params.teachers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -24,6 +24,7 @@ from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
 from distillkit.metric_direction import higher_is_better
+from distillkit.schema import Component
 
 Tensor = torch.Tensor
 SoftTargets = Callable[[Batch], Mapping[str, Mapping[str, Tensor]]]
@@ -97,7 +98,7 @@ class TrainingParams(Params):
     channels_last: bool = Field(False, description="channels_last memory format for the model and its 4-D image "
                                                    "batches (any device; fastest on GPUs with tensor cores)")
     #: random augmentation of each training batch, e.g. ``{kind: gaussian_noise, std: 0.1}``
-    augment: Any = None
+    augment: Annotated[Optional[Any], Component("augmentation")] = None
     #: with a frozen encoder part: train on its output computed once per image and stored as
     #: ``fp32`` or ``fp16``, or ``off`` to run it at every step (see docs/feature_cache.md)
     feature_cache: Literal["fp32", "fp16", "off"] = "fp32"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 from pydantic import Field
@@ -12,6 +12,7 @@ from torch import nn
 
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import AggregationPolicy, Encoder, EncoderParams, Params, Student, Teacher
+from distillkit.schema import Component
 
 
 class MLPParams(EncoderParams):
@@ -54,14 +55,13 @@ class MLPEncoder(Encoder):
 class MultiTaskParams(Params):
     kind: str = "multitask"
     #: the shared encoder (kind: mlp, resnet18, ...)
-    encoder: Any = Field(default_factory=lambda: {"kind": "mlp"})
+    encoder: Annotated[Any, Component("encoder")] = Field(default_factory=lambda: {"kind": "mlp"})
 
 
 class MultiTaskStudent(Student):
     """Hard parameter sharing: one encoder, one head per task (the paper's MTL model)."""
 
     Params = MultiTaskParams
-    nested = {"encoder": "encoder"}
 
 
 class MeanParams(Params):

@@ -59,6 +59,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     distillkit sweep SWEEP        run a config over a grid (seeds, p, tau), stages shared
     distillkit plugins            list plugins, their components and commands
     distillkit config-doc         every config section and key, as Markdown
+    distillkit schema             the config's JSON Schema, for editors
     distillkit new-plugin NAME    start a plugin package
     """
     ctx.ensure_object(dict)
@@ -67,7 +68,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _add_builtin_commands() -> None:
     from distillkit.cli import (config_doc_cmd, eval_cmd, new_plugin_cmd, plugins_cmd, predict_cmd, report_cmd, run,
-                                sweep_cmd, validate)
+                                schema_cmd, sweep_cmd, validate)
 
     cli.add_command(run.run)
     cli.add_command(validate.validate)
@@ -77,6 +78,7 @@ def _add_builtin_commands() -> None:
     cli.add_command(report_cmd.report)
     cli.add_command(sweep_cmd.sweep)
     cli.add_command(config_doc_cmd.config_doc)
+    cli.add_command(schema_cmd.schema)
     cli.add_command(new_plugin_cmd.new_plugin)
 
 
