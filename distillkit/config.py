@@ -224,7 +224,7 @@ def _plain_message(err: Mapping[str, Any], holder: Any, schema: ConfigSchema, se
     if kind in _NOT_A_MAPPING and section:  # `split: 3`, `training: [..]`
         value = err.get("input")
         return f"expected a mapping, got {type(value).__name__} {value!r}."
-    if "input" in err and kind != "missing":
+    if "input" in err and kind != "missing" and "(got " not in message:  # a plugin's message may say it
         message = f"{message} (got {err['input']!r})"
     return message if message.endswith(".") or message.endswith(")") else message + "."
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import pytest
 import yaml
 from click.testing import CliRunner
+import pydantic
 from pydantic import Field
 
 from distillkit import Component, Encoder, EncoderParams, Loss, Params, Stage, StageTraining, Student
@@ -282,3 +283,45 @@ def test_a_stage_training_that_is_no_mapping_and_a_run_training_of_null(registri
     del config["stages"]["p"]
     cfg = validate_config(config, registries)
     assert cfg.training == TrainingParams() and cfg.stages["q"].training == TrainingParams(epochs=2)
+
+
+class ShareParams(EncoderParams):
+    kind: str = "share"
+    weights: list[float] = [0.5, 0.5]
+    scale: float = 1.0
+
+    @pydantic.field_validator("weights")
+    @classmethod
+    def _sums_to_one(cls, value):
+        if abs(sum(value) - 1) > 1e-9:
+            raise ValueError(f"the weights must sum to 1 (got {value})")
+        return value
+
+    @pydantic.field_validator("scale")
+    @classmethod
+    def _positive(cls, value):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class ShareEncoder(Encoder):
+    Params = ShareParams
+
+
+def test_a_plugins_own_message_that_shows_the_value_is_not_given_it_twice():
+    module = types.ModuleType("share_plugin")
+
+    @hookimpl
+    def register_encoders(register):
+        register("share", ShareEncoder)
+
+    module.register_encoders = register_encoders
+    registries = PluginManager(autoload=False, plugins=[module]).registries
+    with pytest.raises(ConfigErrors) as caught:
+        validate_component("encoder", {"kind": "share", "weights": [0.9, 0.2], "scale": -1}, registries,
+                           path="student.encoder")
+    assert caught.value.problems == [
+        "student.encoder.weights: Value error, the weights must sum to 1 (got [0.9, 0.2])",
+        "student.encoder.scale: Value error, must be positive (got -1)",
+    ]
