@@ -26,7 +26,10 @@ class DistillkitGroup(click.Group):
         except DistillkitError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {exc.render()}", err=True)
+            from distillkit.distributed import launched_rank
+
+            if launched_rank() == 0:  # under torchrun every rank stops; rank 0 says why
+                click.echo(f"error: {exc.render()}", err=True)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume.", err=True)
