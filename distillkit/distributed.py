@@ -127,6 +127,16 @@ def session(world: World | None, device: torch.device) -> Iterator[torch.device]
         stop()
 
 
+def _collective_device() -> torch.device:
+    """Where this rank's collectives run: the device given to :func:`start`, else (a group
+    started by other code) the current GPU under NCCL, the CPU under gloo."""
+    if _device is not None:
+        return _device
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if active():
         if _device is not None and _device.type == "cuda":
@@ -285,9 +295,10 @@ def batch_total(value: Any) -> Any:
     """
     if not _global_batch:
         return value
-    total = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, device=_device)
-    if total.device.type != _device.type:
-        total = total.to(_device)
+    device = _collective_device()
+    total = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, device=device)
+    if total.device.type != device.type:
+        total = total.to(device)
     torch.distributed.all_reduce(total)
     return total
 
