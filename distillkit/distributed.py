@@ -22,6 +22,8 @@ import contextlib
 import datetime
 import functools
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -92,6 +94,7 @@ def start(world: World, device: torch.device, timeout_s: float = 1800) -> torch.
     """Join the process group of ``world`` on ``device`` and return this rank's device: on CUDA
     ``cuda:LOCAL_RANK`` (one GPU per rank), else ``device`` itself."""
     global _device
+    _die_with_launcher()
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
             raise DistillkitError(f"rank {world.rank} would use GPU {world.local_rank}, but this machine has "
@@ -103,6 +106,20 @@ def start(world: World, device: torch.device, timeout_s: float = 1800) -> torch.
                                          timeout=datetime.timedelta(seconds=timeout_s))
     _device = device
     return device
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to end this rank when its launcher (the torchrun agent) dies, even by SIGKILL:
+    an orphaned rank would train on, holding the run lock, and the same command could not
+    resume the run until it finished."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def stop() -> None:

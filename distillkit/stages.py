@@ -437,8 +437,7 @@ class EnsembleStage(Stage):
             else:
                 record, metrics = _train_one(ctx, self.name, label, subset, self.params, sub, None,
                                              batch_seed=batch_seed)
-                if distributed.is_main():
-                    write_json(done, {"record": vars(record), "metrics": metrics})
+                distributed.main_only(lambda: write_json(done, {"record": vars(record), "metrics": metrics}))
             result.models.append(record)
             for split, m in metrics.items():
                 result.metrics.setdefault(split, {})[label] = m
@@ -467,8 +466,8 @@ def _train_together(ctx: StageContext, stage: str, subsets: Sequence[Sequence[st
         for one, label, subset in zip(prepared, labels, subsets):
             sub = workdir / "+".join(subset)
             record, metrics = _finish_one(ctx, one, label, params, sub)
-            if distributed.is_main():
-                write_json(sub / "done.json", {"record": vars(record), "metrics": metrics})
+            # every rank waits for the file: the ensemble's loop then reads it on every rank
+            distributed.main_only(lambda: write_json(sub / "done.json", {"record": vars(record), "metrics": metrics}))
 
 
 class DistillParams(Params):

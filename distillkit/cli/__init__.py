@@ -30,6 +30,12 @@ class DistillkitGroup(click.Group):
 
             if launched_rank() == 0:  # under torchrun every rank stops; rank 0 says why
                 click.echo(f"error: {exc.render()}", err=True)
+            else:
+                # torchrun ends the other ranks as soon as one exits: rank 0 goes first, so
+                # that it has said why and its exit status is the job's
+                import time
+
+                time.sleep(3)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume.", err=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -96,11 +98,15 @@ def _launch(nproc: int, args: list[str], debug: bool) -> int:
         os.environ["DISTILLKIT_DEBUG"] = "1"
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"distillkit-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    # the launcher's own log lines (a rank that stopped, the others sent SIGTERM) repeat what
+    # the ranks and the summary below say
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "distillkit", "run", *args)
     except ChildFailedError as exc:
         codes = {f.local_rank: f.exitcode for f in exc.failures.values()}
-        if codes.get(0) == 2 or (codes and set(codes.values()) == {2}):
+        # a user error (exit 2, said by rank 0); the other ranks may have been ended by signal
+        if 2 in codes.values() and all(c in (2, -signal.SIGTERM, -signal.SIGKILL) for c in codes.values()):
             return 2
         failed = ", ".join(f"rank {r}: exit status {c}" for r, c in sorted(codes.items()))
         click.echo(f"error: a training process failed ({failed}); run the same command again to resume.", err=True)

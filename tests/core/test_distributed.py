@@ -29,7 +29,7 @@ from distillkit.errors import DistillkitError
 from distillkit.losses import KDLoss, KDLossParams
 from distillkit.plugins import PluginManager, set_plugin_manager
 from distillkit.runner import RunLock
-from distillkit.training import OptimizerParams, TrainingParams, evaluate, fit, forward_tasks
+from distillkit.training import OptimizerParams, TrainingParams, _resume, evaluate, fit, forward_tasks
 from tests.conftest import REPO, toy_config, write_config
 
 IN = 5
@@ -132,6 +132,14 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             workdir=folder / "together", stage="s")
         out["fit_weight_error"] = max(float((a - b).abs().max()) for a, b in
                                       zip(together.state_dict().values(), trained.state_dict().values()))
+        # each rank resumes its own random state (dropout masks), not rank 0's
+        ended = torch.get_rng_state()
+        torch.manual_seed(123)
+        resumed = _student(tasks)
+        optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1)
+        _resume(folder / "together" / "last.safetensors", folder / "unused.jsonl", resumed, optimizer, None,
+                torch.amp.GradScaler("cpu", enabled=False))
+        out["rng_resumed"] = torch.equal(torch.get_rng_state(), ended)
         # -- an error on one rank stops every rank, with its message --------------------------
         try:
             distributed.raise_if_any(DistillkitError("bad thing on rank 1") if rank == 1 else None)
@@ -154,6 +162,7 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
         assert out["evaluate_equal"] is True, r
         # float32 over 14 SGD steps, shards summed in another order than one batch: rounding only
         assert out["fit_weight_error"] < 1e-5, r
+        assert out["rng_resumed"] is True, r
     assert [ranks[0]["shards_of_7"], ranks[1]["shards_of_7"]] == [[0, 4], [4, 7]]
     assert ranks[0]["gathered_rows"] == [0, 1, 0, 1, 2] == ranks[1]["gathered_rows"]
     assert ranks[1]["error"] == ["DistillkitError", "bad thing on rank 1"]
@@ -217,26 +226,39 @@ def _largest_difference(a, b) -> float:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_and_only_rank0_writes(tmp_path):
-    config = _toy(tmp_path)
+def test_torchrun_killed_then_resumed_matches_one_process_and_only_rank0_writes(tmp_path):
+    """Two gloo ranks under torchrun (the ensemble's teachers trained together), rank 0 killed
+    by SIGKILL as it writes m1's second epoch checkpoint; the same command resumes and ends
+    with one process's metrics, and rank 1 never wrote into the run directory."""
+    config = toy_config()
+    config["stages"]["teachers"]["together"] = True
+    config = write_config(tmp_path, config)
     set_plugin_manager(None)
     alone = CliRunner().invoke(cli, ["run", str(config), "--out", str(tmp_path / "one"), "--quiet"])
     assert alone.exit_code == 0, alone.output
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "distillkit", "run", str(config), "--out", str(tmp_path / "two"), "--quiet"]
-    done = subprocess.run(cmd, env=_env(tmp_path, audit=True), capture_output=True, text=True, timeout=300)
+    out = tmp_path / "two"
+
+    def torchrun(**env):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), str(REPO / "tests" / "robustness" / "killpoint.py"), "run", str(config),
+               "--out", str(out), "--quiet"]
+        return subprocess.run(cmd, env={**_env(tmp_path, audit=True), **env}, capture_output=True, text=True,
+                              timeout=300)
+
+    killed = torchrun(DISTILLKIT_KILL_AT="stages/.work/m1-*/last.safetensors#2@after")
+    assert killed.returncode != 0
+    assert not (out / "stages" / "m1").exists() and (out / "stages" / "teachers").exists()
+    done = torchrun()
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    two = json.loads((out / "metrics.json").read_text())
     # the same batches and gradients: only the order of floating-point sums differs
     assert _largest_difference(one, two) <= 0.01
-    assert one["report"]["test"]["m3"]["cluster"]["confusion"] == \
-        two["report"]["test"]["m3"]["cluster"]["confusion"]
-    assert sorted(p.name for p in (tmp_path / "two" / "stages").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "one" / "stages").iterdir())
+    assert one["report"]["test"]["m3"]["cluster"]["confusion"] == two["report"]["test"]["m3"]["cluster"]["confusion"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == sorted(p.name for p in (tmp_path / "one" / "stages").iterdir())
     written = (tmp_path / "audit.rank1").read_text().split("\n") if (tmp_path / "audit.rank1").exists() else []
-    assert [w for w in written if str(tmp_path / "two") in w] == []
-    assert any(str(tmp_path / "two") in w for w in (tmp_path / "audit.rank0").read_text().split("\n"))
+    assert [w for w in written if str(out) in w] == []
+    assert any(str(out) in w for w in (tmp_path / "audit.rank0").read_text().split("\n"))
     assert done.stdout.count("test metrics (report)") == 1  # rank 0 alone prints the table
 
 
