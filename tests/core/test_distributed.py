@@ -28,7 +28,7 @@ from distillkit.data import SplitData
 from distillkit.errors import DistillkitError
 from distillkit.losses import KDLoss, KDLossParams
 from distillkit.plugins import PluginManager, set_plugin_manager
-from distillkit.runner import RunLock
+from distillkit.runner import RunLock, Runner
 from distillkit.training import OptimizerParams, TrainingParams, _resume, evaluate, fit, forward_tasks
 from tests.conftest import REPO, toy_config, write_config
 
@@ -140,6 +140,18 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         _resume(folder / "together" / "last.safetensors", folder / "unused.jsonl", resumed, optimizer, None,
                 torch.amp.GradScaler("cpu", enabled=False))
         out["rng_resumed"] = torch.equal(torch.get_rng_state(), ended)
+        # -- the run lock: rank 0 takes it; held elsewhere, every rank stops with its message --
+        locked = folder / "locked"
+        locked.mkdir(exist_ok=True)
+        holder = RunLock(locked).__enter__() if rank == 1 else None  # another process holds it
+        distributed.barrier()
+        try:
+            Runner(None, None, locked).run()
+        except DistillkitError as exc:
+            out["lock"] = [type(exc).__name__, exc.message]
+        distributed.barrier()
+        if holder is not None:
+            holder.__exit__(None, None, None)
         # -- an error on one rank stops every rank, with its message --------------------------
         try:
             distributed.raise_if_any(DistillkitError("bad thing on rank 1") if rank == 1 else None)
@@ -166,6 +178,8 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
     assert [ranks[0]["shards_of_7"], ranks[1]["shards_of_7"]] == [[0, 4], [4, 7]]
     assert ranks[0]["gathered_rows"] == [0, 1, 0, 1, 2] == ranks[1]["gathered_rows"]
     assert ranks[1]["error"] == ["DistillkitError", "bad thing on rank 1"]
+    assert ranks[0]["lock"][0] == "DistillkitError" and ranks[1]["lock"][0] == "PeerFailed"
+    assert "another distillkit run" in ranks[0]["lock"][1] and "another distillkit run" in ranks[1]["lock"][1]
     assert ranks[0]["error"][0] == "PeerFailed" and "bad thing on rank 1" in ranks[0]["error"][1]
     # rank 0 alone wrote the training files
     assert sorted(p.name for p in (tmp_path / "together").iterdir()) == ["best.safetensors", "last.safetensors",
@@ -284,14 +298,21 @@ def test_nccl_without_cuda_exits_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_run_lock_held_stops_every_rank_with_exit_2(tmp_path):
-    config = _toy(tmp_path)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with RunLock(run_dir):
-        done = subprocess.run([sys.executable, "-m", "distillkit", "run", str(config), "--out", str(run_dir),
-                               "--nproc", "2"], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.count("another distillkit run") == 1  # said once, by rank 0
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+@pytest.mark.parametrize("codes, status", [({0: 2, 1: -15}, 2), ({1: 2, 0: -15}, 2), ({0: 2, 1: 2}, 2),
+                                           ({0: -9, 1: -15}, 1), ({1: 1}, 1)])
+def test_launcher_exit_status(monkeypatch, codes, status):
+    """``--nproc``: a user error (exit 2, said by one rank while torchrun ended the others) is
+    exit 2; a rank killed or crashed is 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.launcher import api
+
+    from distillkit.cli.run import _launch
+
+    def failing(config, entrypoint):
+        def call(*args):
+            raise ChildFailedError("distillkit", {r: ProcessFailure(r, 1000 + r, c, "") for r, c in codes.items()})
+        return call
+
+    monkeypatch.setattr(api, "elastic_launch", failing)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _launch(2, ["config.yaml"], debug=False) == status
