@@ -78,7 +78,8 @@ def _check_same_config(cfg, run_dir: Path) -> None:
     differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
     if differ:
         raise DistillkitError(f"the processes of this torchrun job resolved different configs or run directories: "
-                              f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} differ from "
+                              f"{'ranks' if len(differ) > 1 else 'rank'} {', '.join(map(str, differ))} "
+                              f"{'differ' if len(differ) > 1 else 'differs'} from "
                               f"rank 0 (config hashes {', '.join(hashes)}).", where=cfg.file,
                               hint="Start every rank with the same config file, --set overrides and --out.")
 

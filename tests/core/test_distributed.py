@@ -24,6 +24,7 @@ from distillkit import distributed
 from distillkit.builtin.classification import ClassificationParams, ClassificationTask
 from distillkit.builtin.components import MLPParams, MultiTaskParams, MultiTaskStudent
 from distillkit.cli import cli
+from distillkit.cli.run import _check_same_config
 from distillkit.data import SplitData
 from distillkit.errors import DistillkitError
 from distillkit.losses import KDLoss, KDLossParams
@@ -152,6 +153,17 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         distributed.barrier()
         if holder is not None:
             holder.__exit__(None, None, None)
+        # -- ranks that resolved different configs stop before anything is written --------------
+        class Config:
+            file = "config.yaml"
+
+            def resolved(self):
+                return {"seed": 0, "training": {"epochs": 3 + rank}}  # as if rank 1 read an edited file
+
+        try:
+            _check_same_config(Config(), folder / "run")
+        except DistillkitError as exc:
+            out["mismatch"] = exc.message
         # -- an error on one rank stops every rank, with its message --------------------------
         try:
             distributed.raise_if_any(DistillkitError("bad thing on rank 1") if rank == 1 else None)
@@ -178,6 +190,8 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
     assert [ranks[0]["shards_of_7"], ranks[1]["shards_of_7"]] == [[0, 4], [4, 7]]
     assert ranks[0]["gathered_rows"] == [0, 1, 0, 1, 2] == ranks[1]["gathered_rows"]
     assert ranks[1]["error"] == ["DistillkitError", "bad thing on rank 1"]
+    assert ranks[0]["mismatch"] == ranks[1]["mismatch"]
+    assert "resolved different configs or run directories: rank 1 differs from rank 0" in ranks[0]["mismatch"]
     assert ranks[0]["lock"][0] == "DistillkitError" and ranks[1]["lock"][0] == "PeerFailed"
     assert "another distillkit run" in ranks[0]["lock"][1] and "another distillkit run" in ranks[1]["lock"][1]
     assert ranks[0]["error"][0] == "PeerFailed" and "bad thing on rank 1" in ranks[0]["error"][1]
