@@ -33,7 +33,7 @@ from pydantic import Field
 
 from distillkit import distributed
 from distillkit.checkpoint import load_tensors, save_tensors, file_checksum
-from distillkit.data import Batch, SplitData, iterate_batches
+from distillkit.data import Batch, SplitData
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import AggregationPolicy, Params, Task, Teacher
 from distillkit.io import write_json, read_json
