@@ -342,8 +342,10 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
     :func:`distillkit.training.fit_together` steps several models on one batch. One flat
     all-reduce after ``backward`` is the same sum, with none of that wrapping.
     """
+    if not active():  # a single process: nothing to sum, and no pass over the parameters
+        return
     params = [p for p in parameters if p.requires_grad]
-    if not active() or not params:
+    if not params:
         return
     device = params[0].device
     dtype = functools.reduce(torch.promote_types, [p.dtype for p in params])  # float64 stays exact
@@ -367,8 +369,10 @@ def average_buffers(module: torch.nn.Module) -> None:
     own shards (SyncBatchNorm, which would normalise over the global batch, needs CUDA and
     DDP): this, and the dropout masks each rank draws for its rows, is where a run on
     several processes departs from one process."""
+    if not active():
+        return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not active() or not buffers:
+    if not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])
     torch.distributed.all_reduce(flat)
