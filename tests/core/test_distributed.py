@@ -330,3 +330,13 @@ def test_launcher_exit_status(monkeypatch, codes, status):
     monkeypatch.setattr(api, "elastic_launch", failing)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert _launch(2, ["config.yaml"], debug=False) == status
+
+
+def test_sweep_under_torchrun_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    set_plugin_manager(None)
+    result = CliRunner().invoke(cli, ["sweep", str(REPO / "examples" / "toy_sweep.yaml"), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    assert "a sweep runs in one process, not under torchrun" in result.output
+    assert not (tmp_path / "s").exists()
