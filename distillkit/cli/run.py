@@ -53,9 +53,9 @@ def run(ctx: click.Context, config: Path, out: Path | None, overrides: tuple[str
         check_processes(cfg, registries, nproc)
         args = [str(config), "--out", str(run_dir), *(f"--set={o}" for o in overrides)] + (["--quiet"] if quiet else [])
         sys.exit(_launch(nproc, args, debug=bool((ctx.find_root().obj or {}).get("debug"))))
-    device = resolve_device(cfg.device)
     if world is not None:
         check_processes(cfg, registries, world.size)
+    device = resolve_device(cfg.device)
     with distributed.session(world, device) as device:
         _check_same_config(cfg, run_dir)
         reporter = Reporter(quiet=quiet) if distributed.is_main() else Reporter(quiet=True, silent=True)
