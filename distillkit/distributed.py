@@ -363,12 +363,55 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
         offset += n
 
 
+@contextlib.contextmanager
+def global_batch_norm(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: every BatchNorm layer of ``model`` in training mode normalises with the
+    statistics of the *global* batch (sums over every rank's part, all-reduced, and their
+    gradient all-reduced back), as one process does on the whole batch; the running
+    statistics move as one process's do. PyTorch's SyncBatchNorm does the same on CUDA with
+    DDP only; this works on any backend. A no-op without a group."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if active() else []
+    for layer in layers:
+        layer.forward = functools.partial(_global_batch_norm, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's own forward
+
+
+def _global_batch_norm(layer: torch.nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    if not layer.training:
+        return type(layer).forward(layer, x)
+    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+    channels = x.shape[1]
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                       torch.full((1,), x.numel() // max(channels, 1), dtype=xf.dtype, device=x.device)])
+    total = differentiable_all_reduce(local)
+    count = total[-1].detach()
+    mean = total[:channels] / count
+    var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
+    if layer.track_running_stats and layer.running_mean is not None:
+        with torch.no_grad():
+            layer.num_batches_tracked += 1
+            factor = (1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum)
+            unbiased = var.detach() * count / (count - 1).clamp_min(1)
+            layer.running_mean.mul_(1 - factor).add_(mean.detach().to(layer.running_mean.dtype), alpha=factor)
+            layer.running_var.mul_(1 - factor).add_(unbiased.to(layer.running_var.dtype), alpha=factor)
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)
+    if layer.affine:
+        y = y * layer.weight.view(shape) + layer.bias.view(shape)
+    return y.to(x.dtype)
+
+
 def average_buffers(module: torch.nn.Module) -> None:
-    """Average the floating-point buffers (BatchNorm running statistics) across the ranks, so
-    that every rank validates and saves the same model. Each rank's statistics come from its
-    own shards (SyncBatchNorm, which would normalise over the global batch, needs CUDA and
-    DDP): this, and the dropout masks each rank draws for its rows, is where a run on
-    several processes departs from one process."""
+    """Average the floating-point buffers across the ranks, so that every rank validates and
+    saves the same model. BatchNorm's running statistics already agree (:func:`global_batch_norm`);
+    a plugin module that keeps statistics of its own rank's rows gets their mean."""
     if not active():
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]

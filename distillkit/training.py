@@ -608,7 +608,9 @@ def _train_step(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, optimi
     the fp16 gradient scaler (disabled otherwise, when it passes the plain step through).
     """
     inputs = laid_out(inputs, params.channels_last)
-    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    # under torchrun, BatchNorm normalises with the global batch's statistics, as one process does
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
+            distributed.global_batch_norm(model):
         logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
     # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
     # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
@@ -639,7 +641,7 @@ def _end_epoch(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, val: Sp
     if scheduler is not None:
         scheduler.step()
     # under torchrun: each rank's step losses are its shares of the global batch's; every rank
-    # validates and saves the same model (BatchNorm statistics averaged)
+    # validates and saves the same model (running statistics averaged: a guard, they are equal)
     step_losses = distributed.all_reduce_sum(step_losses)
     distributed.average_buffers(model)
     losses = _check_finite(model, step_losses, len(step_losses), stage, epoch, last_path, workdir)

@@ -103,6 +103,18 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         workdir=folder / f"alone-{rank}", stage="s")
     reference = evaluate(trained, tasks, val, 8, torch.device("cpu"), KDLoss(KDLossParams()))
 
+    # a BatchNorm model, float64: normalising with the global batch's statistics
+    torch.manual_seed(5)
+    bn_model = torch.nn.Sequential(torch.nn.Linear(IN, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                   torch.nn.Linear(8, 3)).double()
+    bn_x = torch.randn(7, IN, dtype=torch.float64, generator=gen)
+    bn_model.train()
+    (bn_model(bn_x).tanh().sum(1).sum() / 7).backward()
+    bn_full = [p.grad.clone() for p in bn_model.parameters()]
+    bn_stats = [bn_model[1].running_mean.clone(), bn_model[1].running_var.clone()]
+    bn_model.zero_grad(set_to_none=True)
+    bn_model[1].reset_running_stats()
+
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
     try:
@@ -122,6 +134,14 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         distributed.all_reduce_gradients(list(model64.parameters()))
         out["one_row_grad_error"] = max(float((p.grad - f).abs().max()) for p, f in zip(model64.parameters(),
                                                                                          one_grads))
+        lo, hi = distributed.shard_bounds(7)
+        with distributed.global_batch(), distributed.global_batch_norm(bn_model):
+            (bn_model(bn_x[lo:hi]).tanh().sum(1).sum() / distributed.batch_total(hi - lo)).backward()
+        distributed.all_reduce_gradients(list(bn_model.parameters()))
+        out["bn_grad_error"] = max(float((p.grad - f).abs().max()) for p, f in zip(bn_model.parameters(), bn_full))
+        out["bn_stats_error"] = max(float((a - b).abs().max()) for a, b in
+                                    zip([bn_model[1].running_mean, bn_model[1].running_var], bn_stats))
+        out["bn_forward_restored"] = "forward" not in vars(bn_model[1])
         out["shards_of_7"] = distributed.shard_bounds(7)
         out["gathered_rows"] = distributed.all_gather_rows(torch.arange(rank + 2)).tolist()
         # -- evaluation: the batches shared out, the metrics exactly one process's -----------
@@ -183,6 +203,9 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
         # the loss itself is computed in fp32 (losses.py): its shares add up to fp32 rounding
         assert out["loss_error"] < 1e-6, r
         assert out["one_row_grad_error"] < 1e-12, r
+        # BatchNorm over the global batch: the gradient and running statistics of one process
+        assert out["bn_grad_error"] < 1e-12 and out["bn_stats_error"] < 1e-12, r
+        assert out["bn_forward_restored"] is True, r
         assert out["evaluate_equal"] is True, r
         # float32 over 14 SGD steps, shards summed in another order than one batch: rounding only
         assert out["fit_weight_error"] < 1e-5, r
