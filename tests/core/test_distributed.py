@@ -30,6 +30,7 @@ from distillkit.errors import DistillkitError
 from distillkit.losses import KDLoss, KDLossParams
 from distillkit.plugins import PluginManager, set_plugin_manager
 from distillkit.runner import RunLock, Runner
+from distillkit.teacher_targets import TeacherOutputParams, build_or_load_cache
 from distillkit.training import OptimizerParams, TrainingParams, _resume, evaluate, fit, forward_tasks
 from tests.conftest import REPO, toy_config, write_config
 
@@ -78,6 +79,21 @@ def _rows(part, lo, hi):
     return {t: {k: v[lo:hi] for k, v in d.items()} for t, d in part.items()}
 
 
+class _FakeTeacher:
+    """Soft targets that are a fixed function of the inputs: what OnlineTargets gives the cache."""
+
+    use_labels = False
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        x = batch.inputs.float()
+        return {"a": {"probs": torch.softmax(x[:, :3] * 2, -1)}, "b": {"probs": torch.softmax(x[:, 1:5], -1)}}
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     folder = Path(folder)
@@ -115,6 +131,13 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     bn_model.zero_grad(set_to_none=True)
     bn_model[1].reset_running_stats()
 
+    # the teacher-output cache of a split of 45 rows in batches of 8, shards of 16 rows
+    cache_split = _split(tasks, 45, seed=6)
+    cache_params = TeacherOutputParams(storage="topk", topk=2, shard_size=16)
+    teacher = _FakeTeacher(tasks)
+    alone_cache = build_or_load_cache(teacher, cache_split, folder / f"cache-alone-{rank}", cache_params, 8,
+                                      torch.device("cpu"))
+
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
     try:
@@ -143,6 +166,13 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
                                     zip([bn_model[1].running_mean, bn_model[1].running_var], bn_stats))
         out["bn_forward_restored"] = "forward" not in vars(bn_model[1])
         out["shards_of_7"] = distributed.shard_bounds(7)
+        # -- the teacher-output cache: batches computed in turn, written once by rank 0 -------
+        teacher.calls = 0
+        shared_cache = build_or_load_cache(teacher, cache_split, folder / "cache-shared", cache_params, 8,
+                                           torch.device("cpu"))
+        out["cache_batches_here"] = teacher.calls
+        out["cache_equal"] = all(torch.equal(shared_cache.tensors[t][k], alone_cache.tensors[t][k])
+                                 for t in alone_cache.tensors for k in alone_cache.tensors[t])
         out["gathered_rows"] = distributed.all_gather_rows(torch.arange(rank + 2)).tolist()
         # -- evaluation: the batches shared out, the metrics exactly one process's -----------
         out["evaluate_equal"] = evaluate(trained, tasks, val, 8, torch.device("cpu"),
@@ -211,6 +241,11 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
         assert out["fit_weight_error"] < 1e-5, r
         assert out["rng_resumed"] is True, r
     assert [ranks[0]["shards_of_7"], ranks[1]["shards_of_7"]] == [[0, 4], [4, 7]]
+    # 6 batches of 8 rows shared out: 3 each; the cache equals one process's, bit for bit
+    assert [out["cache_batches_here"] for out in ranks] == [3, 3]
+    assert ranks[0]["cache_equal"] is True and ranks[1]["cache_equal"] is True
+    assert sorted(p.name for p in (tmp_path / "cache-shared").iterdir()) == [
+        "index.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     assert ranks[0]["gathered_rows"] == [0, 1, 0, 1, 2] == ranks[1]["gathered_rows"]
     assert ranks[1]["error"] == ["DistillkitError", "bad thing on rank 1"]
     assert ranks[0]["mismatch"] == ranks[1]["mismatch"]
