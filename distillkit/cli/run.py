@@ -40,7 +40,8 @@ def run(ctx: click.Context, config: Path, out: Path | None, overrides: tuple[str
     from distillkit.plugins import get_plugin_manager
     from distillkit.progress import Reporter
     from distillkit.rundir import RunLayout
-    from distillkit.runner import Runner, check_processes, resolve_device
+    from distillkit.feature_cache import check_frozen_encoders
+    from distillkit.runner import Runner, check_mixed_precision, check_plan, check_processes, resolve_device
 
     registries = get_plugin_manager().registries
     cfg = load_config(config, registries, list(overrides))
@@ -51,6 +52,9 @@ def run(ctx: click.Context, config: Path, out: Path | None, overrides: tuple[str
             raise click.UsageError("--nproc starts its own processes; under torchrun leave it out.")
         # every mistake the config can show is reported here, before any process starts
         check_processes(cfg, registries, nproc)
+        check_mixed_precision(cfg, resolve_device(cfg.device))
+        check_frozen_encoders(cfg.student, registries, cfg.file)
+        check_plan(cfg, registries)
         args = [str(config), "--out", str(run_dir), *(f"--set={o}" for o in overrides)] + (["--quiet"] if quiet else [])
         sys.exit(_launch(nproc, args, debug=bool((ctx.find_root().obj or {}).get("debug"))))
     if world is not None:

@@ -398,3 +398,14 @@ def test_sweep_under_torchrun_exits_2(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert "a sweep runs in one process, not under torchrun" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_nproc_checks_the_plan_before_any_process_starts(tmp_path):
+    config = toy_config()
+    config["stages"]["m2"]["teachers"] = ["m1", "teacherz"]
+    path = write_config(tmp_path, config)
+    set_plugin_manager(None)
+    result = CliRunner().invoke(cli, ["run", str(path), "--out", str(tmp_path / "run"), "--nproc", "2"])
+    assert result.exit_code == 2, result.output
+    assert "refers to stage 'teacherz', which does not exist" in result.output
+    assert not (tmp_path / "run").exists()
