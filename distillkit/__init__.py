@@ -35,6 +35,8 @@ _EXPORTS = {
     "InputTransform": "distillkit.interfaces",
     "kl_rows": "distillkit.losses",
     "tempered_probs": "distillkit.losses",
+    "batch_total": "distillkit.distributed",
+    "batch_mean": "distillkit.distributed",
     "higher_is_better": "distillkit.metric_direction",
     # stages
     "Stage": "distillkit.stages",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from distillkit.distributed import shard_bounds
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import Params, Task
 from distillkit.io import file_digests
@@ -369,12 +370,16 @@ class Batch:
 
 def iterate_batches(split: SplitData, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                     epoch: int = 0, device: torch.device | str = "cpu", tasks: Sequence[str] | None = None,
-                    drop_last: bool = False, row_weights: Tensor | None = None) -> Iterator[Batch]:
+                    drop_last: bool = False, row_weights: Tensor | None = None,
+                    shard: tuple[int, int] | None = None) -> Iterator[Batch]:
     """Batches of a split, moved to ``device``.
 
     The order depends only on ``(seed, epoch)``, so an interrupted epoch replays identically.
     With ``row_weights`` (and ``shuffle``) an epoch draws ``len(split)`` rows with replacement,
     each with probability proportional to its weight (a class-balanced sampler).
+    ``shard=(rank, world)`` yields only that rank's contiguous part of every batch
+    (:func:`distillkit.distributed.shard_bounds`; possibly empty): the ranks together see the
+    batches of a single process, row for row.
     """
     n = len(split)
     if shuffle and row_weights is not None:
@@ -386,16 +391,26 @@ def iterate_batches(split: SplitData, batch_size: int, *, shuffle: bool = False,
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
-    non_blocking = torch.device(device).type == "cuda"
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        inputs = split.inputs[idx].to(device, non_blocking=non_blocking)
-        targets = None
-        if split.targets is not None:
-            names = tasks if tasks is not None else list(split.targets)
-            targets = {t: {k: v[idx].to(device, non_blocking=non_blocking) for k, v in split.targets[t].items()}
-                       for t in names}
-        yield Batch(idx, inputs, targets)
+        if shard is not None:
+            lo, hi = shard_bounds(len(idx), *shard)
+            idx = idx[lo:hi]
+        yield batch_of(split, idx, device, tasks)
+
+
+def batch_of(split: SplitData, idx: Tensor, device: torch.device | str = "cpu",
+             tasks: Sequence[str] | None = None, inputs: bool = True) -> Batch:
+    """The rows ``idx`` of a split as a batch on ``device`` (every task's targets, or ``tasks``'s);
+    ``inputs=False``: the targets only (the batch's inputs are empty)."""
+    non_blocking = torch.device(device).type == "cuda"
+    inputs = (split.inputs[idx] if inputs else split.inputs[:0]).to(device, non_blocking=non_blocking)
+    targets = None
+    if split.targets is not None:
+        names = tasks if tasks is not None else list(split.targets)
+        targets = {t: {k: v[idx].to(device, non_blocking=non_blocking) for k, v in split.targets[t].items()}
+                   for t in names}
+    return Batch(idx, inputs, targets)
 
 
 def hash_seed(*parts: Any) -> int:

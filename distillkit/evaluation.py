@@ -71,13 +71,20 @@ def evaluate_grouped(model: Student, tasks: Mapping[str, Task], split: SplitData
     (e.g. per broad disease), so each group's numbers answer "how well do we do on patients who
     have X".
     """
+    from distillkit import distributed
+    from distillkit.training import split_outputs
+
     model.eval()
     names, groups = row_groups(split, group_by, grouping)
     accumulators = {g: {t: task.metrics() for t, task in tasks.items()} for g in range(len(names))}
-    for batch in iterate_batches(split, batch_size, device=device):
-        assert batch.targets is not None
+
+    def predictions_of(batch):
         feats = model.features(batch.inputs)
-        predictions = {t: task.predict(model.heads[t], feats) for t, task in tasks.items()}
+        return {t: task.predict(model.heads[t], feats) for t, task in tasks.items()}
+
+    # under torchrun the ranks share the batches and rank 0 accumulates them all, in order
+    for batch, predictions in split_outputs(split, batch_size, device, None, predictions_of):
+        assert batch.targets is not None
         group = groups[batch.index].to(device)
         for g in range(len(names)):
             rows = group == g
@@ -86,7 +93,9 @@ def evaluate_grouped(model: Student, tasks: Mapping[str, Task], split: SplitData
             for t in tasks:
                 accumulators[g][t].update({k: v[rows] for k, v in predictions[t].items()},
                                           {k: v[rows] for k, v in batch.targets[t].items()})
-    return {names[g]: {t: acc.compute() for t, acc in accs.items()} for g, accs in accumulators.items()}
+    result = ({names[g]: {t: acc.compute() for t, acc in accs.items()} for g, accs in accumulators.items()}
+              if distributed.is_main() else None)
+    return distributed.broadcast_object(result)
 
 
 def headline_columns(tasks: Mapping[str, Task]) -> list[tuple[str, str, str]]:

@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from distillkit.distributed import batch_mean, batch_total
 from distillkit.interfaces import Loss, Params, Task
 
 Tensor = torch.Tensor
@@ -47,6 +48,11 @@ class KDLoss(Loss):
     * supervised training: ``soft is None`` -> sum_t lambda_t CE_t
     * unlabeled distillation: ``targets is None`` -> sum_t lambda_t tau_t^2 KL_t
     * labeled distillation: both terms; a row without a label for task t contributes its KL only.
+
+    Every mean divides by a total over the batch's rows taken through
+    :func:`distillkit.distributed.batch_total`: under torchrun, the global batch's, so each
+    rank's loss is its share and the summed gradient is one process's (in a single process
+    the totals are the batch's own, unchanged).
     """
 
     Params = KDLossParams
@@ -66,18 +72,19 @@ class KDLoss(Loss):
                 present = target["present"]
                 w = task.hard_row_weights(target)
                 if w is None:
-                    denom = present.sum().clamp_min(1) if self.params.normalize_by_present else len(ce)
+                    denom = (batch_total(present.sum()).clamp_min(1) if self.params.normalize_by_present
+                             else batch_total(len(ce)))
                 elif self.params.normalize_by_present:
                     # Class-weighted CE: a weighted mean, as F.cross_entropy(weight=w) (ce already holds w[y]).
-                    denom = (w * present).sum().clamp_min(1e-12)
+                    denom = batch_total((w * present).sum()).clamp_min(1e-12)
                 else:
-                    denom = len(ce)
+                    denom = batch_total(len(ce))
                 hard = (ce * present).sum() / denom  # bool * float promotes: no cast needed
                 term = hard if soft is None else (1.0 - alpha) * hard
             if soft is not None:
                 # a task without a temperature (regression) has no tempered softmax to rescale
                 t = float(tau[name]) if task.uses_temperature else 1.0
-                kl = task.soft_loss(z, soft[name], t).mean()  # batchmean
+                kl = batch_mean(task.soft_loss(z, soft[name], t))  # batchmean
                 soft_term = (t * t) * kl
                 term = soft_term if targets is None else term + alpha * soft_term
             assert term is not None, "a loss needs labels, soft targets or both"

@@ -19,9 +19,11 @@ EPOCH_LINE_SKIP = frozenset({"n", "unseen", "screening_specificity"})
 class Reporter:
     """Run-level messages plus per-stage epoch/step callbacks (see :class:`distillkit.training.Callbacks`)."""
 
-    def __init__(self, console: Console | None = None, quiet: bool = False):
+    def __init__(self, console: Console | None = None, quiet: bool = False, silent: bool = False):
         self.console = console or Console(stderr=True)
-        self.quiet = quiet
+        self.quiet = quiet or silent
+        #: not even the final table (the ranks other than 0 under torchrun)
+        self.silent = silent
         self.interactive = self.console.is_terminal and not quiet
         self._progress: Progress | None = None
 
@@ -48,6 +50,8 @@ class Reporter:
         self.message(f"stage {name}: already finished with the same config and inputs, skipped")
 
     def table(self, title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        if self.silent:
+            return
         table = Table(title=title)
         for i, h in enumerate(header):
             # the model column folds a long label (teachers[broad+fine]) rather than cutting it

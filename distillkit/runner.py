@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from distillkit import distributed
 from distillkit.config import RunConfig
 from distillkit.data import DataContext, prepare_splits
 from distillkit.errors import DistillkitError, did_you_mean
@@ -194,6 +195,40 @@ def student_input_problems(config: RunConfig, tasks: dict, registries: Registrie
     return []
 
 
+def check_processes(config: RunConfig, registries: Registries, processes: int) -> None:
+    """What a run on ``processes`` ranks (torchrun, ``--nproc``) needs of the config, checked
+    before any process starts and before any file is written: a device that exists (CUDA for
+    NCCL, one GPU per process) and batches that give every process at least one row.
+
+    A batch size that the processes do not divide is fine: the ranks take shards that differ
+    by one row, and the losses are normalised over the global batch, so the gradient is the
+    one process's (see docs/distributed.md).
+    """
+    if processes <= 1:
+        return
+    try:
+        device = resolve_device(config.device)
+    except DistillkitError as exc:
+        raise DistillkitError(f"{exc.message} A run on {processes} GPU processes uses NCCL, which needs CUDA; "
+                              f"set device: cpu (gloo) or auto.", where=f"{config.file}: device") from None
+    problems = []
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        problems.append(f"device: {processes} processes need {processes} GPUs (one each), this machine has "
+                        f"{torch.cuda.device_count()}.")
+    places = [("training", config.training)] + [(f"stages.{name}.training", getattr(params, "training", None))
+                                                for name, params in config.stages.items()]
+    for path, training in places:
+        size = getattr(training, "batch_size", None)
+        if size is None or (path != "training" and size == config.training.batch_size):
+            continue
+        if size < processes:
+            problems.append(f"{path}.batch_size: {size} rows per batch cannot be shared by {processes} processes "
+                            f"(each needs at least one row of every batch); use at most {size} processes or a "
+                            f"batch size of at least {processes}.")
+    if problems:
+        raise DistillkitError(" ".join(problems), where=config.file)
+
+
 class RunLock:
     """An exclusive lock on a run directory; the OS drops it when the process dies."""
 
@@ -226,7 +261,10 @@ class RunLock:
 
 
 class Runner(StageContext):
-    def __init__(self, config: RunConfig, registries: Registries, run_dir: Path, reporter: Reporter | None = None):
+    def __init__(self, config: RunConfig, registries: Registries, run_dir: Path, reporter: Reporter | None = None,
+                 device: torch.device | None = None):
+        #: the device to train on (under torchrun: this rank's); by default the config's
+        self.requested_device = device
         self.config = config
         self.registries = registries
         self.run_dir = Path(run_dir)
@@ -265,23 +303,41 @@ class Runner(StageContext):
             self.reporter.message(f"  task {name}: {task.describe()}")
 
     def run(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+        # Under torchrun rank 0 alone creates and locks the run directory; every rank learns
+        # whether it could, so that all stop cleanly when another run holds the lock.
+        lock, error = None, None
+        if distributed.is_main():
+            try:
+                lock = self._lock()
+            except DistillkitError as exc:
+                error = exc
+        distributed.raise_if_any(error)
+        try:
+            return self._run(only)
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
+    def _lock(self) -> RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise DistillkitError(f"--out {self.run_dir} is a file, not a directory.", where="--out")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DistillkitError(f"cannot create the run directory {self.run_dir}: {exc.strerror}.", where="--out") from None
-        with RunLock(self.run_dir):
-            remove_stale_temporaries(self.run_dir)  # left by a run killed mid-write
-            return self._run(only)
+        lock = RunLock(self.run_dir).__enter__()
+        remove_stale_temporaries(self.run_dir)  # left by a run killed mid-write
+        return lock
 
     def _run(self, only: Sequence[str] | None) -> dict[str, Any]:
         # Everything the config alone can show is checked before any data is read.
-        self.device = resolve_device(self.config.device)
+        self.device = self.requested_device or resolve_device(self.config.device)
         check_mixed_precision(self.config, self.device)
         check_frozen_encoders(self.config.student, self.registries, self.config.file)
         check_plan(self.config, self.registries)
-        self.prepare_data()
+        # rank 0 first: a dataset source may fill its cache (decoded images) while it loads
+        distributed.main_first(self.prepare_data)
+        main = distributed.is_main()
         planned = plan(self.config, self.registries, self.data_fingerprint)
         problems = [p for step in planned for p in step.stage.check_data(self)]
         problems += student_input_problems(self.config, self.tasks, self.registries, self.splits,
@@ -292,7 +348,7 @@ class Runner(StageContext):
         # config.yaml, plan.json and run.json describe the results in this folder: a new run
         # writes them at once, a run over earlier results only when all its stages are done,
         # so a failed run never replaces the description of an earlier good one.
-        if not self.layout.config.exists():
+        if main and not self.layout.config.exists():
             self._write_description(planned)
         self.reporter.message(f"device: {self.device}; run directory: {self.run_dir}")
         for i, step in enumerate(planned, 1):
@@ -306,14 +362,21 @@ class Runner(StageContext):
             if only is not None and step.name not in only:
                 raise DistillkitError(f"stage '{step.name}' must run before {', '.join(only)}.")
             work = self.layout.work(step.name, step.key)
-            work.mkdir(parents=True, exist_ok=True)
+            if main:
+                work.mkdir(parents=True, exist_ok=True)
             self.reporter.stage_start(i, len(planned), step.name, step.description)
             started = time.perf_counter()
             result = step.stage.run(self, work)
-            result = self._relocate(result, work, step.name, step.key, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            # the stage's folder moves into place before any rank reads its models
+            result = distributed.broadcast_object(
+                distributed.main_only(lambda: self._relocate(result, work, step.name, step.key, seconds)))
             self._results[step.name] = result
-            self._write_metrics(planned)
+            if main:
+                self._write_metrics(planned)
             self.reporter.stage_end(step.name, time.perf_counter() - started)
+        if not main:
+            return {}
         self._write_description(planned)
         summary = self._write_metrics(planned)
         self._show_summary(planned)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequenc
 import torch
 from pydantic import Field, field_validator
 
+from distillkit import distributed
 from distillkit.checkpoint import file_checksum, save_model
 from distillkit.data import SplitData, hash_seed
 from distillkit.errors import DistillkitError, did_you_mean
@@ -83,7 +84,8 @@ class StageContext(ABC):
         cache = FeatureCache(self.cache_dir / "features", self.data_fingerprint, storage, batch_size, self.device,
                              progress=self.callbacks,
                              plugins=self.registries.plugins_of(getattr(encoder, "params", None)))
-        return {name: cache.view(encoder, self.splits[name]) for name in names}
+        # Under torchrun rank 0 computes and writes the features (not sharded), the others read them.
+        return distributed.main_first(lambda: {name: cache.view(encoder, self.splits[name]) for name in names})
 
     def teachers(self, stages: Sequence[str]) -> list[Teacher]:
         out = []
@@ -265,7 +267,7 @@ def _finish_one(ctx: StageContext, one: _Prepared, label: str, params: Any,
                 workdir: Path) -> tuple[ModelRecord, dict[str, Any]]:
     """Save a trained model (whole: the frozen weights travel with it) and evaluate it."""
     path = workdir / "model.safetensors"
-    save_model(path, one.model, one.meta)
+    distributed.main_only(lambda: save_model(path, one.model, one.meta))
     metrics = _evaluate_splits(ctx, one.model, one.tasks, one.loss_fn, params.training.eval_batch_size, one.splits)
     record = ModelRecord(path=str(path.relative_to(ctx.run_dir)), tasks=list(one.tasks),
                          scores=_primary_scores(one.tasks, metrics["val"]), checksum=file_checksum(path), label=label)
@@ -444,7 +446,7 @@ class EnsembleStage(Stage):
             else:
                 record, metrics = _train_one(ctx, self.name, label, subset, self.params, sub, None,
                                              batch_seed=batch_seed)
-                write_json(done, {"record": vars(record), "metrics": metrics})
+                distributed.main_only(lambda: write_json(done, {"record": vars(record), "metrics": metrics}))
             result.models.append(record)
             for split, m in metrics.items():
                 result.metrics.setdefault(split, {})[label] = m
@@ -473,7 +475,8 @@ def _train_together(ctx: StageContext, stage: str, subsets: Sequence[Sequence[st
         for one, label, subset in zip(prepared, labels, subsets):
             sub = workdir / "+".join(subset)
             record, metrics = _finish_one(ctx, one, label, params, sub)
-            write_json(sub / "done.json", {"record": vars(record), "metrics": metrics})
+            # every rank waits for the file: the ensemble's loop then reads it on every rank
+            distributed.main_only(lambda: write_json(sub / "done.json", {"record": vars(record), "metrics": metrics}))
 
 
 class DistillParams(Params):
@@ -660,7 +663,8 @@ class DistillStage(Stage):
             for tau in self.params.temperature_grid:
                 trial = self.params.model_copy(update={"temperature": {**chosen, task: float(tau)}})
                 folder = workdir / "temperature_search" / f"{task}-{tau:g}"
-                folder.mkdir(parents=True, exist_ok=True)
+                if distributed.is_main():
+                    folder.mkdir(parents=True, exist_ok=True)
                 record, _ = _train_one(ctx, self.name, self.name, task_names, trial, folder, self.params.init,
                                        teachers=teachers)
                 scores[task][f"{tau:g}"] = record.scores[task]  # the validation split's primary metric
@@ -738,5 +742,6 @@ class EvaluateStage(Stage):
                                                                ctx.tasks,
                                                                self.params.batch_size, ctx.device)
                 result.metrics.setdefault(self.params.split, {})[record.label] = metrics
-        write_json(workdir / "metrics.json", result.metrics)
+        if distributed.is_main():
+            write_json(workdir / "metrics.json", result.metrics)
         return result

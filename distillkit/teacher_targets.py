@@ -31,11 +31,13 @@ from typing import Literal, Mapping, Sequence
 import torch
 from pydantic import Field
 
+from distillkit import distributed
 from distillkit.checkpoint import load_tensors, save_tensors, file_checksum
-from distillkit.data import Batch, SplitData, iterate_batches
+from distillkit.data import Batch, SplitData
 from distillkit.errors import DistillkitError
 from distillkit.interfaces import AggregationPolicy, Params, Task, Teacher
 from distillkit.io import write_json, read_json
+from distillkit.training import split_outputs
 
 Tensor = torch.Tensor
 CACHE_FORMAT = "distillkit.teacher_outputs/2"
@@ -248,22 +250,26 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
     The cache is a folder of safetensors shards plus ``index.json``, which is written last and
     lists each shard's checksum: a folder without it, or with a shard that does not match,
     is rebuilt.
+
+    Under torchrun the ranks compute the batches in turn (every ``world``-th batch each);
+    rank 0 receives them in order and writes the cache once, the others read it when it is
+    complete.
     """
     kinds = {name: dict(task.soft_target_kinds) for name, task in online.tasks.items()}
     loaded = _load_cache(directory, params.storage, kinds)
-    if loaded is not None:
-        return CachedTargets(loaded[0], params.storage, loaded[1], device, kinds=kinds, widths=loaded[2])
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("shard-*.safetensors"):
-        stale.unlink()
+    if distributed.broadcast_object(loaded is not None):  # rank 0's finding holds for every rank
+        loaded = loaded or _load_cache(directory, params.storage, kinds)
+        if loaded is not None:
+            return CachedTargets(loaded[0], params.storage, loaded[1], device, kinds=kinds, widths=loaded[2])
+    distributed.main_only(lambda: _clear(directory))
+    main = distributed.is_main()
     shards: list[dict] = []
     buffer: dict[str, dict[str, list[Tensor]]] = {}
     widths: dict[str, dict[str, int]] = {}
     buffered = 0
     max_residual = 0.0
     steps = (len(split) + batch_size - 1) // batch_size
-    if progress is not None:
+    if progress is not None and main:
         progress.on_epoch_start(0, 1, steps)
 
     def flush() -> None:
@@ -276,10 +282,13 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
         shards.append({"file": path.name, "rows": buffered, "sha256": file_checksum(path)})
         buffer, buffered = {}, 0
 
-    for batch in iterate_batches(split, batch_size, device=device, tasks=list(online.tasks) if online.use_labels else None):
-        soft = online(batch)
-        for task, parts in soft.items():
-            stored, task_widths, dropped = _store_soft(parts, kinds[task], params.storage, params.topk)
+    def stored_targets(batch) -> dict[str, tuple[dict[str, Tensor], dict[str, int], float]]:
+        return {task: _store_soft(parts, kinds[task], params.storage, params.topk)
+                for task, parts in online(batch).items()}
+
+    for batch, per_task in split_outputs(split, batch_size, device,
+                                         list(online.tasks) if online.use_labels else None, stored_targets):
+        for task, (stored, task_widths, dropped) in per_task.items():
             widths[task] = task_widths
             max_residual = max(max_residual, dropped)
             for key, value in stored.items():
@@ -289,15 +298,23 @@ def build_or_load_cache(online: OnlineTargets, split: SplitData, directory: Path
             flush()
         if progress is not None:
             progress.on_step()
-    flush()
-    # num_classes: the width of each task's "probs" (where it has one); widths: of every distribution
-    num_classes = {t: w["probs"] for t, w in widths.items() if "probs" in w}
-    write_json(directory / "index.json", {"format": CACHE_FORMAT, "rows": len(split), "storage": params.storage,
-                                          "num_classes": num_classes, "kinds": kinds, "widths": widths,
-                                          "shards": shards, "max_dropped_mass": max_residual})
+    if main:
+        flush()
+        # num_classes: the width of each task's "probs" (where it has one); widths: of every distribution
+        num_classes = {t: w["probs"] for t, w in widths.items() if "probs" in w}
+        write_json(directory / "index.json", {"format": CACHE_FORMAT, "rows": len(split), "storage": params.storage,
+                                              "num_classes": num_classes, "kinds": kinds, "widths": widths,
+                                              "shards": shards, "max_dropped_mass": max_residual})
+    distributed.barrier()  # the others read the cache rank 0 has just written
     loaded = _load_cache(directory, params.storage, kinds)
     assert loaded is not None
     return CachedTargets(loaded[0], params.storage, loaded[1], device, kinds=kinds, widths=loaded[2])
+
+
+def _clear(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("shard-*.safetensors"):
+        stale.unlink()
 
 
 def _load_cache(directory: Path, storage: str, kinds: Mapping[str, Mapping[str, str]]):

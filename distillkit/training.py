@@ -19,7 +19,8 @@ from pydantic import Field, field_validator, model_validator
 
 from distillkit.checkpoint import (STATE_FORMAT, load_tensors, optimizer_from_tensors, optimizer_to_tensors,
                                    save_model, save_tensors, load_model_state)
-from distillkit.data import Batch, SplitData, hash_seed, iterate_batches
+from distillkit import distributed
+from distillkit.data import Batch, SplitData, batch_of, hash_seed, iterate_batches
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Loss, Params, Student, Task
 from distillkit.io import append_jsonl
@@ -204,37 +205,77 @@ def forward_tasks(model: Student, tasks: Mapping[str, Task], inputs: Tensor,
 def evaluate(model: Student, tasks: Mapping[str, Task], split: SplitData, batch_size: int, device: torch.device,
              loss_fn: Loss | None = None, soft_targets: SoftTargets | None = None,
              tau: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """Metrics of every task over a whole split, plus ``loss`` (labels) and ``kd`` (teachers)."""
+    """Metrics of every task over a whole split, plus ``loss`` (labels) and ``kd`` (teachers).
+
+    Under torchrun the ranks share the batches out (:func:`distillkit.distributed.ordered_outputs`)
+    and rank 0 accumulates every batch's predictions in order: the split-level metrics
+    (confusion matrices, AUC, BLEU) are those of one process; every rank returns them.
+    """
     was_training = model.training
     model.eval()
     accumulators = {name: task.metrics() for name, task in tasks.items()}
     loss_sum = torch.zeros((), device=device)
     kd_sum = torch.zeros((), device=device)
     rows = 0
-    for batch in iterate_batches(split, batch_size, device=device, tasks=list(tasks)):
+
+    def batch_outputs(batch: Batch) -> dict[str, Any]:
         feats = model.features(batch.inputs)
+        out: dict[str, Any] = {}
         if batch.targets is not None:
-            for name, task in tasks.items():
-                accumulators[name].update(task.predict(model.heads[name], feats), batch.targets[name])
+            out["pred"] = {name: task.predict(model.heads[name], feats) for name, task in tasks.items()}
         n = len(batch.index)
         if loss_fn is not None and batch.targets is not None:
             logits = {name: task.forward(model.heads[name], feats, batch.targets[name]) for name, task in tasks.items()}
             loss, _ = loss_fn(tasks, logits, batch.targets, None, 0.0, tau or {})
-            loss_sum += loss * n
+            out["loss"] = loss * n
         if loss_fn is not None and soft_targets is not None:
             soft = soft_targets(batch)
             logits = {name: task.forward(model.heads[name], feats, task.guide_from_soft(soft[name], None))
                       for name, task in tasks.items()}
             kd, _ = loss_fn(tasks, logits, None, soft, 1.0, tau or {})
-            kd_sum += kd * n
-        rows += n
-    out: dict[str, Any] = {name: acc.compute() for name, acc in accumulators.items()} if split.targets is not None else {}
-    if loss_fn is not None and split.targets is not None:
-        out["loss"] = float(loss_sum) / max(rows, 1)
-    if soft_targets is not None:
-        out["kd"] = float(kd_sum) / max(rows, 1)
+            out["kd"] = kd * n
+        return out
+
+    for batch, out in split_outputs(split, batch_size, device, list(tasks), batch_outputs):
+        if "pred" in out:
+            for name in tasks:
+                accumulators[name].update(out["pred"][name], batch.targets[name])
+        if "loss" in out:
+            loss_sum += out["loss"]
+        if "kd" in out:
+            kd_sum += out["kd"]
+        rows += len(batch.index)
+    result: dict[str, Any] | None = None
+    if distributed.is_main():
+        result = {name: acc.compute() for name, acc in accumulators.items()} if split.targets is not None else {}
+        if loss_fn is not None and split.targets is not None:
+            result["loss"] = float(loss_sum) / max(rows, 1)
+        if soft_targets is not None:
+            result["kd"] = float(kd_sum) / max(rows, 1)
     model.train(was_training)
-    return out
+    return distributed.broadcast_object(result)
+
+
+def split_outputs(split: SplitData, batch_size: int, device: torch.device, tasks: Sequence[str] | None,
+                   compute: Callable[[Batch], Any]):
+    """``(batch, compute(batch))`` for the batches of ``split`` in order. In a single process
+    that is all; under torchrun each rank computes every ``world``-th batch, and rank 0
+    alone receives them all, in order, each computed on exactly the batch a single process
+    computes it on (the other ranks receive nothing)."""
+    if not distributed.active():
+        for batch in iterate_batches(split, batch_size, device=device, tasks=tasks):
+            yield batch, compute(batch)
+        return
+    n = len(split)
+
+    def rows(i: int) -> Tensor:
+        return torch.arange(i * batch_size, min(n, (i + 1) * batch_size))
+
+    count = (n + batch_size - 1) // batch_size
+    for i, out in distributed.ordered_outputs(count, lambda i: compute(batch_of(split, rows(i), device, tasks)),
+                                              device):
+        idx = rows(i)
+        yield batch_of(split, idx, device, tasks, inputs=False), out
 
 
 def score_of(metrics: Mapping[str, Any], metric: str,
@@ -301,9 +342,10 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none.
     # A disabled scaler passes scale/step/update straight through to the plain fp32 step.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # under torchrun, rank 0 alone writes the stage's files
+        workdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = workdir / "last.safetensors", workdir / "best.safetensors", workdir / "log.jsonl"
-    torch.manual_seed(hash_seed(seed, stage, "init"))
+    _seed_rank(hash_seed(seed, stage, "init"))
     state = _resume(last_path, log_path, model, optimizer, scheduler, scaler) or _fresh_state()
 
     steps = math.ceil(len(train) / params.batch_size)
@@ -318,16 +360,14 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         # host synchronisation); the epoch's sums and any NaN step are read once, at its end.
         step_losses = torch.zeros(steps, 1 + len(tasks), device=device)
         step_rows: list[int] = []
-        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=order_seed,
-                                                     epoch=epoch, row_weights=row_weights,
-                                                     device=device, tasks=list(tasks) if use_labels else None)):
-            if augment is not None:  # before the teachers: they must see the same view
-                batch = _augmented(batch, augment, batch_seed, epoch, step)
+        # augmented before the teachers see the batch: they must see the same view
+        for step, batch, rows in _epoch_batches(train, params.batch_size, order_seed, epoch, row_weights, device,
+                                                list(tasks) if use_labels else None, augment, batch_seed):
             targets = batch.targets if use_labels else None
             soft = soft_targets(batch) if soft_targets is not None else None
             step_losses[step] = _train_step(model, tasks, loss_fn, optimizer, scaler, params, batch.inputs,
                                             targets, soft, alpha, tau, amp_dtype)
-            step_rows.append(len(batch.index))
+            step_rows.append(rows)
             callbacks.on_step()
         record = _end_epoch(model, tasks, loss_fn, val, params, device, optimizer, scheduler, scaler, state, metric,
                             step_losses[:len(step_rows)], step_rows, stage, epoch, workdir, model_meta,
@@ -336,6 +376,7 @@ def fit(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, train: SplitDa
         if _stopped(es, state):
             break
 
+    distributed.barrier()  # rank 0 has written best.safetensors
     best_state, _ = load_model_state(best_path)
     model.load_state_dict(best_state)
     return FitResult(best_epoch=state["best_epoch"], epochs_run=state["epoch"], history=state["history"])
@@ -386,8 +427,9 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
         m.metric = _monitored_metric(es, m.tasks, True)
         m.optimizer, m.scheduler = _placed_with_optimizer(m.model, params, device)
         m.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one per optimizer
-        m.workdir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(hash_seed(m.seed, stage, "init"))
+        if distributed.is_main():
+            m.workdir.mkdir(parents=True, exist_ok=True)
+        _seed_rank(hash_seed(m.seed, stage, "init"))
         m.state = (_resume(m.workdir / "last.safetensors", m.workdir / "log.jsonl", m.model, m.optimizer,
                            m.scheduler, m.scaler) or _fresh_state())
         m.rng = _rng_state(device)
@@ -404,18 +446,15 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
             m.model.train()
             m.step_losses = torch.zeros(steps, 1 + len(m.tasks), device=device)
         step_rows: list[int] = []
-        for step, batch in enumerate(iterate_batches(train, params.batch_size, shuffle=True, seed=batch_seed,
-                                                     epoch=epoch, row_weights=row_weights, device=device,
-                                                     tasks=names)):
-            if augment is not None:
-                batch = _augmented(batch, augment, batch_seed, epoch, step)
+        for step, batch, rows in _epoch_batches(train, params.batch_size, batch_seed, epoch, row_weights, device,
+                                                names, augment, batch_seed):
             for m in group:
                 _set_rng_state(device, m.rng)
                 targets = {t: batch.targets[t] for t in m.tasks}
                 m.step_losses[step] = _train_step(m.model, m.tasks, m.loss_fn, m.optimizer, m.scaler, params,
                                                   batch.inputs, targets, None, 0.0, {}, amp_dtype)
                 m.rng = _rng_state(device)
-            step_rows.append(len(batch.index))
+            step_rows.append(rows)
             callbacks.on_step()
         for m in group:
             _set_rng_state(device, m.rng)
@@ -426,6 +465,7 @@ def fit_together(members: Sequence[Member], train: SplitData, params: TrainingPa
             m.step_losses = None
             (m.callbacks or NullCallbacks()).on_epoch_end(epoch, record)
     results = []
+    distributed.barrier()  # rank 0 has written every best.safetensors
     for m in members:
         best_state, _ = load_model_state(m.workdir / "best.safetensors")
         m.model.load_state_dict(best_state)
@@ -492,14 +532,49 @@ def _resume(last_path: Path, log_path: Path, model: Student, optimizer: torch.op
         scheduler.load_state_dict(meta["scheduler"])
     if scaler.is_enabled() and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])  # the loss scale it had reached, not the initial 2^16
-    torch.set_rng_state(tensors["rng.torch"])
+    # each rank resumes its own random state (its dropout masks); rank 0's is ``rng.torch``
+    torch.set_rng_state(tensors.get(f"rng.torch.{distributed.rank()}", tensors["rng.torch"]))
     state = meta["loop"]
     # The checkpoint, not the log, is the record: a crash between writing the two loses
     # or repeats a log line, so the log is rewritten from the checkpoint's history.
-    log_path.unlink(missing_ok=True)
-    for record in state["history"]:
-        append_jsonl(log_path, record)
+    if distributed.is_main():
+        log_path.unlink(missing_ok=True)
+        for record in state["history"]:
+            append_jsonl(log_path, record)
     return state
+
+
+def _seed_rank(seed: int) -> None:
+    """Seed torch's generators for a model's training: with ``seed`` on rank 0 (and in a single
+    process), with one derived from it and the rank on the others, so that the ranks draw
+    independent dropout masks for their rows."""
+    torch.manual_seed(seed if distributed.rank() == 0 else hash_seed(seed, "rank", distributed.rank()))
+
+
+def _epoch_batches(train: SplitData, batch_size: int, seed: int, epoch: int, row_weights: Tensor | None,
+                   device: torch.device, tasks: Sequence[str] | None,
+                   augment: Callable[[Tensor], Tensor] | None, batch_seed: int | None):
+    """``(step, batch, rows)`` of an epoch: this rank's part of each global batch (all of it in a
+    single process), augmented, and the global batch's row count.
+
+    Under torchrun an augmentation runs on the whole global batch before the rank takes its
+    part: it draws its randomness for the batch's rows together (noise of the batch's shape),
+    so with a ``batch_seed`` every row gets the view it gets in a single process.
+    """
+    world = distributed.world_size()
+    shard = (distributed.rank(), world) if world > 1 and augment is None else None
+    for step, batch in enumerate(iterate_batches(train, batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                                 row_weights=row_weights, device=device, tasks=tasks,
+                                                 shard=shard)):
+        rows = min(batch_size, len(train) - step * batch_size)
+        if augment is not None:
+            batch = _augmented(batch, augment, batch_seed, epoch, step)
+            if world > 1:
+                lo, hi = distributed.shard_bounds(len(batch.index))
+                targets = None if batch.targets is None else {
+                    t: {k: v[lo:hi] for k, v in parts.items()} for t, parts in batch.targets.items()}
+                batch = Batch(batch.index[lo:hi], batch.inputs[lo:hi], targets)
+        yield step, batch, rows
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -534,13 +609,18 @@ def _train_step(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, optimi
     the fp16 gradient scaler (disabled otherwise, when it passes the plain step through).
     """
     inputs = laid_out(inputs, params.channels_last)
-    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    # under torchrun, BatchNorm normalises with the global batch's statistics, as one process does
+    with torch.autocast(inputs.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None), \
+            distributed.global_batch_norm(model):
         logits = forward_tasks(model, tasks, inputs, targets, soft, train=True)
     # The losses run outside the autocast, on fp32 logits: a bf16 log-softmax keeps about
     # three significant digits, and tau^2 * KL at a high temperature magnifies the error.
-    loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
+    # Under torchrun they divide by totals over the global batch: this rank's share of its loss.
+    with distributed.global_batch():
+        loss, parts = loss_fn(tasks, fp32_logits(logits), targets, soft, alpha, tau)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    distributed.all_reduce_gradients(model.parameters())  # the shares' sum: the global batch's gradient
     if params.grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
@@ -561,20 +641,28 @@ def _end_epoch(model: Student, tasks: Mapping[str, Task], loss_fn: Loss, val: Sp
     last_path, best_path = workdir / "last.safetensors", workdir / "best.safetensors"
     if scheduler is not None:
         scheduler.step()
+    # under torchrun: each rank's step losses are its shares of the global batch's; every rank
+    # validates and saves the same model (running statistics averaged: a guard, they are equal)
+    step_losses = distributed.all_reduce_sum(step_losses)
+    distributed.average_buffers(model)
     losses = _check_finite(model, step_losses, len(step_losses), stage, epoch, last_path, workdir)
     val_metrics = evaluate(model, tasks, val, params.eval_batch_size, device, loss_fn,
                            val_soft_targets, tau) if len(val) else {}
     record = _epoch_record(epoch, losses, step_rows, tasks, optimizer, val_metrics)
+    main = distributed.is_main()
     if _track_best(state, metric, val_metrics, tasks, record, es.min_delta if es else 0.0):
         state["best_epoch"] = epoch
         state["bad_epochs"] = 0
-        save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
+        if main:
+            save_model(best_path, model, dict(model_meta or {}, epoch=epoch))
     else:
         state["bad_epochs"] += 1
     state["epoch"] = epoch + 1
     state["history"].append(record)
-    _save_state(last_path, model, optimizer, scheduler, state, scaler)
-    append_jsonl(workdir / "log.jsonl", record)
+    rng_states = distributed.gather_object(torch.get_rng_state())  # every rank's, for an exact resume
+    if main:
+        _save_state(last_path, model, optimizer, scheduler, state, scaler, rng_states)
+        append_jsonl(workdir / "log.jsonl", record)
     return record
 
 
@@ -645,10 +733,13 @@ def _improved(new: float, best: float | None, higher: bool, min_delta: float) ->
     return delta > min_delta
 
 
-def _save_state(path: Path, model, optimizer, scheduler, loop_state, scaler: torch.amp.GradScaler | None = None) -> None:
+def _save_state(path: Path, model, optimizer, scheduler, loop_state, scaler: torch.amp.GradScaler | None = None,
+                rng_states: Sequence[Tensor] | None = None) -> None:
     tensors, optim_meta = optimizer_to_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    for r, rng in list(enumerate(rng_states or []))[1:]:  # the other ranks' (torchrun)
+        tensors[f"rng.torch.{r}"] = rng
     meta = {"format": STATE_FORMAT, "optimizer": optim_meta, "loop": loop_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}

@@ -26,7 +26,16 @@ class DistillkitGroup(click.Group):
         except DistillkitError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"error: {exc.render()}{_left_out_plugins(exc)}", err=True)
+            from distillkit.distributed import launched_rank
+
+            if launched_rank() == 0:  # under torchrun every rank stops; rank 0 says why
+                click.echo(f"error: {exc.render()}{_left_out_plugins(exc)}", err=True)
+            else:
+                # torchrun ends the other ranks as soon as one exits: rank 0 goes first, so
+                # that it has said why and its exit status is the job's
+                import time
+
+                time.sleep(3)
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume.", err=True)

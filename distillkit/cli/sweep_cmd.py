@@ -26,6 +26,14 @@ def sweep(sweep_file: Path, out: Path | None, dry_run: bool) -> None:
     from distillkit.plugins import get_plugin_manager
     from distillkit.sweep import load_sweep, run_sweep
 
+    from distillkit.distributed import world_from_env
+    from distillkit.errors import DistillkitError
+
+    if world_from_env() is not None:
+        raise DistillkitError("a sweep runs in one process, not under torchrun: every rank would write the same "
+                              "run directories.", where="WORLD_SIZE",
+                              hint="Run the sweep without torchrun, or run one of its configs with "
+                                   "distillkit run CONFIG --nproc N.")
     registries = get_plugin_manager().registries
     spec = load_sweep(sweep_file, registries)
     out = out if out is not None else Path("runs") / spec.name
