@@ -31,9 +31,10 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
+from distillkit import distributed
 from distillkit.checkpoint import file_checksum, load_tensors, save_tensors
 from distillkit.config import dump
-from distillkit.data import SplitData, iterate_batches
+from distillkit.data import SplitData
 from distillkit.errors import DistillkitError, did_you_mean
 from distillkit.interfaces import Encoder, EncoderParams, FreezeUntil, Student
 from distillkit.io import read_json, write_json
@@ -188,24 +189,37 @@ class FeatureCache:
         if len(split) == 0:
             return split  # no batch is ever drawn from it
         directory = self.root / cache_key(prefix, split, self.data_fingerprint, self.storage, self.plugins)
-        features = _load(directory)
-        if features is None:
+        features = _load(directory) if distributed.is_main() else None
+        if distributed.broadcast_object(features is not None):  # rank 0's finding holds for every rank
+            features = features if features is not None else _load(directory)
+        else:
             features = self._build(encoder, split, directory)
+        if features is None:
+            raise DistillkitError(f"the feature cache {directory} could not be read.", where=str(directory))
         if len(features) != len(split):
             raise DistillkitError(f"the feature cache {directory} holds {len(features)} rows for the "
                                   f"{len(split)} of the {split.name} split; delete it.", where=str(directory))
         return SplitData(split.name, split.indices, features, split.targets, split.raw_labels, split.groups)
 
     def _build(self, encoder: Encoder, split: SplitData, directory: Path) -> Tensor:
+        """Compute and write the features of ``split``. Under torchrun every rank computes every
+        ``world``-th batch; rank 0 receives them in order and writes the cache once, and the
+        others read it when it is complete."""
+        main = distributed.is_main()
+        progress = self.progress(f"frozen features ({split.name})") if self.progress and main else None
+        batches = extract(encoder, split, self.batch_size, self.device, progress)
+        if not main:
+            for _ in batches:  # this rank's turns, sent to rank 0
+                pass
+            distributed.barrier()
+            return _load(directory)
         _remove_stale_builds(directory)
         shutil.rmtree(directory, ignore_errors=True)  # damaged: rebuilt from scratch
         work = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
-            shards = _write_shards(work, extract(encoder, split, self.batch_size, self.device,
-                                                 self.progress(f"frozen features ({split.name})")
-                                                 if self.progress else None), self.storage)
+            shards = _write_shards(work, batches, self.storage)
             write_json(work / "index.json", {"format": CACHE_FORMAT, "rows": len(split), "split": split.name,
                                              "storage": self.storage, "shards": shards})
             try:
@@ -215,6 +229,7 @@ class FeatureCache:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        distributed.barrier()  # the others read what rank 0 has just written
         features = _load(directory)
         if features is None:
             raise DistillkitError(f"the feature cache {directory} could not be read back after writing it.",
@@ -225,15 +240,22 @@ class FeatureCache:
 @torch.no_grad()
 def extract(encoder: Encoder, split: SplitData, batch_size: int, device: torch.device,
             progress=None) -> Iterator[Tensor]:
-    """The frozen part's output for every row of ``split``, in order, batch by batch (on the CPU)."""
+    """The frozen part's output for every row of ``split``, in order, batch by batch (on the CPU).
+
+    Under torchrun the ranks compute the batches in turn and only rank 0 yields (all of them,
+    in order); the others yield nothing.
+    """
+    from distillkit.training import split_outputs
+
     was_training = encoder.training
     encoder.eval()
     steps = (len(split) + batch_size - 1) // batch_size
     if progress is not None:
         progress.on_epoch_start(0, 1, steps)
     try:
-        for batch in iterate_batches(split, batch_size, device=device, tasks=[]):
-            yield encoder.forward_frozen(batch.inputs).cpu()
+        for _, features in split_outputs(split, batch_size, device, [],
+                                         lambda batch: encoder.forward_frozen(batch.inputs).cpu()):
+            yield features
             if progress is not None:
                 progress.on_step()
     finally:

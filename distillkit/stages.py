@@ -84,8 +84,8 @@ class StageContext(ABC):
         cache = FeatureCache(self.cache_dir / "features", self.data_fingerprint, storage, batch_size, self.device,
                              progress=self.callbacks,
                              plugins=self.registries.plugins_of(getattr(encoder, "params", None)))
-        # Under torchrun rank 0 computes and writes the features (not sharded), the others read them.
-        return distributed.main_first(lambda: {name: cache.view(encoder, self.splits[name]) for name in names})
+        # Under torchrun the ranks compute the features in turn; rank 0 writes them once.
+        return {name: cache.view(encoder, self.splits[name]) for name in names}
 
     def teachers(self, stages: Sequence[str]) -> list[Teacher]:
         out = []

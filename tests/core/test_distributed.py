@@ -22,11 +22,12 @@ from click.testing import CliRunner
 
 from distillkit import distributed
 from distillkit.builtin.classification import ClassificationParams, ClassificationTask
-from distillkit.builtin.components import MLPParams, MultiTaskParams, MultiTaskStudent
+from distillkit.builtin.components import MLPEncoder, MLPParams, MultiTaskParams, MultiTaskStudent
 from distillkit.cli import cli
 from distillkit.cli.run import _check_same_config
 from distillkit.data import SplitData
 from distillkit.errors import DistillkitError
+from distillkit.feature_cache import FeatureCache, freeze_encoder
 from distillkit.losses import KDLoss, KDLossParams
 from distillkit.plugins import PluginManager, set_plugin_manager
 from distillkit.runner import RunLock, Runner
@@ -138,6 +139,20 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     alone_cache = build_or_load_cache(teacher, cache_split, folder / f"cache-alone-{rank}", cache_params, 8,
                                       torch.device("cpu"))
 
+    # the frozen-feature cache of the same split: an MLP encoder frozen up to its first block
+    torch.manual_seed(7)
+    frozen = MLPEncoder(MLPParams(in_features=IN, hidden=6, depth=2, freeze={"until": "layer1"}))
+    freeze_encoder(frozen)
+    frozen_calls = [0]
+    forward_frozen = frozen.forward_frozen
+
+    def counted(inputs):
+        frozen_calls[0] += 1
+        return forward_frozen(inputs)
+
+    frozen.forward_frozen = counted
+    alone_features = FeatureCache(folder / f"features-alone-{rank}", "data", batch_size=8).view(frozen, cache_split)
+
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
     try:
@@ -173,6 +188,12 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         out["cache_batches_here"] = teacher.calls
         out["cache_equal"] = all(torch.equal(shared_cache.tensors[t][k], alone_cache.tensors[t][k])
                                  for t in alone_cache.tensors for k in alone_cache.tensors[t])
+        # -- the frozen-feature cache: the same, batches in turn, written once by rank 0 -------
+        frozen_calls[0] = 0
+        shared_features = FeatureCache(folder / "features-shared", "data", batch_size=8).view(frozen, cache_split)
+        out["feature_batches_here"] = frozen_calls[0]
+        out["features_equal"] = torch.equal(shared_features.inputs, alone_features.inputs)
+        out["features_rows"] = len(shared_features.inputs)
         out["gathered_rows"] = distributed.all_gather_rows(torch.arange(rank + 2)).tolist()
         # -- evaluation: the batches shared out, the metrics exactly one process's -----------
         out["evaluate_equal"] = evaluate(trained, tasks, val, 8, torch.device("cpu"),
@@ -246,6 +267,11 @@ def test_two_ranks_give_one_process_gradients_metrics_and_weights(tmp_path):
     assert ranks[0]["cache_equal"] is True and ranks[1]["cache_equal"] is True
     assert sorted(p.name for p in (tmp_path / "cache-shared").iterdir()) == [
         "index.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    # the frozen features likewise: 3 batches each, one process's features, one cache folder
+    assert [out["feature_batches_here"] for out in ranks] == [3, 3]
+    assert all(out["features_equal"] is True and out["features_rows"] == 45 for out in ranks)
+    [entry] = (tmp_path / "features-shared").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["index.json", "shard-00000.safetensors"]
     assert ranks[0]["gathered_rows"] == [0, 1, 0, 1, 2] == ranks[1]["gathered_rows"]
     assert ranks[1]["error"] == ["DistillkitError", "bad thing on rank 1"]
     assert ranks[0]["mismatch"] == ranks[1]["mismatch"]
