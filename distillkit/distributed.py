@@ -208,18 +208,8 @@ def main_only(fn: Callable[[], T]) -> T | None:
 
 def main_first(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 first (it may fill a cache), then on the other ranks (they read it)."""
-    if not active():
-        return fn()
-    value, error = None, None
-    if is_main():
-        try:
-            value = fn()
-        except Exception as exc:
-            error = exc
-    raise_if_any(error)
-    if not is_main():
-        value = fn()
-    return value
+    value = main_only(fn)
+    return value if is_main() else fn()
 
 
 # -- collectives --------------------------------------------------------------------------------

@@ -68,25 +68,23 @@ class SumLoss(Loss):
     Params = SumLossParams
 
 
-def _plugin():
-    module = types.ModuleType("probe_plugin")
+def _plugin_module(name: str, **hooks: list[tuple[str, type]]) -> types.ModuleType:
+    """A plugin module whose ``register_*`` hooks (the keyword names) register these kinds."""
+    module = types.ModuleType(name)
+    for hook, entries in hooks.items():
+        def impl(register, _entries=entries):
+            for kind, cls in _entries:
+                register(kind, cls)
 
-    @hookimpl
-    def register_encoders(register):
-        register("wide", WideEncoder)
-
-    @hookimpl
-    def register_losses(register):
-        register("sum", SumLoss)
-
-    @hookimpl
-    def register_stages(register):
-        register("probe", ProbeStage)
-        register("legacy", LegacyStage)
-
-    module.register_encoders, module.register_losses, module.register_stages = (register_encoders, register_losses,
-                                                                                register_stages)
+        impl.__name__ = hook
+        setattr(module, hook, hookimpl(impl))
     return module
+
+
+def _plugin():
+    return _plugin_module("probe_plugin", register_encoders=[("wide", WideEncoder)],
+                          register_losses=[("sum", SumLoss)],
+                          register_stages=[("probe", ProbeStage), ("legacy", LegacyStage)])
 
 
 @pytest.fixture
@@ -185,9 +183,7 @@ def test_a_marker_naming_no_registry_kind_is_one_clear_error():
     class Bad(Stage):
         Params = BadParams
 
-    module = types.ModuleType("bad_plugin")
-    module.register_stages = hookimpl(lambda register: register("bad", Bad))
-    module.register_stages.__name__ = "register_stages"
+    module = _plugin_module("bad_plugin", register_stages=[("bad", Bad)])
     registries = PluginManager(autoload=False, plugins=[module]).registries
     with pytest.raises(DistillkitError, match="stage 'bad': field 'enc' nests a component of kind 'encodr', "
                                               "which is not a registry kind. Did you mean 'encoder'?"):
@@ -255,11 +251,8 @@ def test_the_docs_nested_params_example_validates_as_written(monkeypatch):
     class MyStage(Stage):
         Params = example.MyStageParams
 
-    module = types.ModuleType("doc_nested")
-    module.register_students = hookimpl(lambda register: register("two_tower", TwoTower))
-    module.register_students.__name__ = "register_students"
-    module.register_stages = hookimpl(lambda register: register("my_stage", MyStage))
-    module.register_stages.__name__ = "register_stages"
+    module = _plugin_module("doc_nested", register_students=[("two_tower", TwoTower)],
+                            register_stages=[("my_stage", MyStage)])
     registries = PluginManager(autoload=False, plugins=[module]).registries
     config = {"data": "toy_blobs", "tasks": {"t": "classification"}, "training": {"epochs": 2},
               "student": {"kind": "two_tower", "side": None, "extra_losses": ["kd"]},
@@ -310,13 +303,7 @@ class ShareEncoder(Encoder):
 
 
 def test_a_plugins_own_message_that_shows_the_value_is_not_given_it_twice():
-    module = types.ModuleType("share_plugin")
-
-    @hookimpl
-    def register_encoders(register):
-        register("share", ShareEncoder)
-
-    module.register_encoders = register_encoders
+    module = _plugin_module("share_plugin", register_encoders=[("share", ShareEncoder)])
     registries = PluginManager(autoload=False, plugins=[module]).registries
     with pytest.raises(ConfigErrors) as caught:
         validate_component("encoder", {"kind": "share", "weights": [0.9, 0.2], "scale": -1}, registries,
